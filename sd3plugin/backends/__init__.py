@@ -1,0 +1,60 @@
+"""Backend registry: a backend is a small module behind one registered name.
+
+``register_backend("name")`` decorates a Backend subclass; ``get_backend(name)`` returns an instance;
+``resolve_backend("auto", plan)`` returns the chosen backend and the reason, in one line.
+"""
+from __future__ import annotations
+
+from ..errors import BackendUnavailableError, ConfigError
+from .base import Backend, CompilePlan
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str):
+    def deco(cls: type[Backend]) -> type[Backend]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; registered backends: auto, {', '.join(_REGISTRY)}") \
+            from None
+
+
+def resolve_backend(name: str, plan: CompilePlan) -> tuple[Backend, str]:
+    """Pick the backend for ``name`` (``auto`` included) and say why."""
+    if name != "auto":
+        backend = get_backend(name)
+        ok, why = backend.availability(plan)
+        if not ok:
+            raise BackendUnavailableError(f"backend={name!r} cannot run here: {why}")
+        return backend, f"requested backend={name}"
+    nexfort = get_backend("nexfort")
+    ok, why_not_nexfort = nexfort.availability(plan)
+    if ok:
+        return nexfort, f"auto: nexfort imports and matches torch/triton here ({why_not_nexfort})"
+    inductor = get_backend("inductor")
+    ok, why = inductor.availability(plan)
+    if ok:
+        return inductor, f"auto: inductor, because nexfort is not usable here: {why_not_nexfort}"
+    return get_backend("eager"), f"auto: eager, because nexfort ({why_not_nexfort}) and inductor ({why}) are not"
+
+
+from . import eager, inductor, nexfort  # noqa: E402,F401  (register the built-in backends)
+
+__all__ = ["Backend", "CompilePlan", "register_backend", "unregister_backend", "get_backend",
+           "resolve_backend", "backend_names"]

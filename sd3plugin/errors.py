@@ -1,0 +1,17 @@
+"""Exceptions of sd3plugin. Every one names the problem and the fix."""
+
+
+class SD3PluginError(Exception):
+    """Base class of every error sd3plugin raises on purpose."""
+
+
+class ConfigError(SD3PluginError, ValueError):
+    """A config value, override, mode token or shape is invalid (exit code 2 on the command line)."""
+
+
+class BackendUnavailableError(SD3PluginError, RuntimeError):
+    """The requested backend cannot run here (not installed, wrong torch, no licence...)."""
+
+
+class CompileError(SD3PluginError, RuntimeError):
+    """Compilation failed and on_error=raise."""

@@ -1,0 +1,210 @@
+"""``optimize(pipe_or_transformer, cfg, overrides)``: the one verb that applies a config.
+
+Order: resolve backend -> quantize -> fuse QKV -> memory format -> compile (regional). Any failure
+before the first call rolls everything back (on_error=raise) or keeps the eager module (fallback); a
+compile failure at the first call is caught by a guard around the transformer's forward, which undoes
+the compilation, warns once and records the cause in ``report(pipe)``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from typing import Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import cache
+from .backends import CompilePlan, resolve_backend
+from .config import compose, parse_mode
+from .config.modes import torch_flags
+from .errors import BackendUnavailableError, CompileError, ConfigError
+from .global_settings import GLOBAL_SETTINGS
+
+log = logging.getLogger("sd3plugin")
+REPORT_ATTR = "_sd3plugin_report"
+
+
+def is_sd3_transformer(obj) -> bool:
+    from diffusers import SD3Transformer2DModel
+
+    return isinstance(obj, SD3Transformer2DModel)
+
+
+def is_sd3_pipeline(obj) -> bool:
+    return is_sd3_transformer(getattr(obj, "transformer", None))
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def make_plan(cfg: DictConfig) -> CompilePlan:
+    return CompilePlan(
+        mode_spec=cfg.mode.spec, tokens=parse_mode(cfg.mode.spec), device=resolve_device(cfg.device),
+        dynamic=bool(cfg.dynamic.enabled), recompile_limit=int(cfg.dynamic.recompile_limit),
+        memory_format=cfg.memory_format.name, cache_dir=str(cfg.cache_dir),
+        options=copy.deepcopy(OmegaConf.to_container(cfg.backend_options, resolve=True)))
+
+
+def _memory_format(name: str):
+    return {"channels_last": torch.channels_last, "contiguous_format": torch.contiguous_format}.get(name)
+
+
+class _CompiledForward:
+    """Wraps the transformer's forward: on a compile failure, undo compilation and run eagerly."""
+
+    def __init__(self, transformer, backend, report: dict, on_error: str):
+        self.transformer, self.backend, self.report, self.on_error = transformer, backend, report, on_error
+        self.active = True
+
+    def __call__(self, *args, **kwargs):
+        fwd = type(self.transformer).forward
+        if not self.active:
+            return fwd(self.transformer, *args, **kwargs)
+        try:
+            return fwd(self.transformer, *args, **kwargs)
+        except Exception as exc:  # compile failures surface at the first call
+            self.backend.undo(self.transformer)
+            self.active = False
+            try:
+                out = fwd(self.transformer, *args, **kwargs)
+            except Exception:
+                raise exc from None  # the eager module fails too: not a compile problem
+            if self.on_error == "raise":
+                raise CompileError(f"{self.backend.name} compilation failed at the first call: "
+                                   f"{type(exc).__name__}: {_first_line(exc)}; use on_error=fallback to "
+                                   "run eagerly instead, or backend=eager") from exc
+            _record_fallback(self.report, exc, "first call")
+            return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _record_fallback(report: dict, exc: BaseException, when: str) -> None:
+    report["status"] = "fallback"
+    report["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+    report["compiled_modules"] = []
+    msg = (f"sd3plugin: {report['backend']} compilation failed ({when}): {report['error']}; "
+           "running eagerly (on_error=fallback)")
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
+    """Apply the composed config to an SD3 pipeline or SD3Transformer2DModel; return the same object."""
+    cfg = compose(cfg, overrides)
+    target = pipe_or_transformer
+    transformer = target if is_sd3_transformer(target) else getattr(target, "transformer", None)
+    if not is_sd3_transformer(transformer):
+        raise ConfigError(f"sd3plugin.optimize expects an SD3 pipeline or SD3Transformer2DModel, got "
+                          f"{type(target).__name__}; other pipelines are not supported")
+    if getattr(transformer, REPORT_ATTR, None) is not None:
+        _attach(target, transformer, getattr(transformer, REPORT_ATTR))
+        return target  # already optimized: one optimization per module
+
+    plan = make_plan(cfg)
+    report = {
+        "optimized": True, "status": "eager", "backend": None, "backend_reason": None,
+        "mode": {"name": cfg.mode.name, "spec": cfg.mode.spec, "tokens": list(plan.tokens)},
+        "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
+        "quant": {"type": cfg.quant.type, "modules": []}, "compiled_modules": [], "fused_qkv": False,
+        "error": None, "on_error": cfg.on_error,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    try:
+        backend, reason = resolve_backend(cfg.backend, plan)
+    except BackendUnavailableError as exc:
+        if cfg.on_error == "raise":
+            raise
+        backend, reason = resolve_backend("eager", plan)[0], f"fallback to eager: {exc}"
+        report["error"] = str(exc)
+        log.warning("sd3plugin: %s", exc)
+    report["backend"], report["backend_reason"] = backend.name, reason
+    log.info("sd3plugin: backend %s (%s)", backend.name, reason)
+
+    report.update(cache.activate(plan.cache_dir))
+    for path, value in torch_flags(plan.tokens, plan.device).items():
+        GLOBAL_SETTINGS.set_flag(path, value)
+    for name in ("dynamo.recompile_limit", "dynamo.cache_size_limit"):
+        GLOBAL_SETTINGS.set_flag(name, max(plan.recompile_limit, 8))
+
+    from .quant import quantize
+
+    started = time.perf_counter()
+    report["quant"] = quantize(transformer, cfg.quant, plan.device)
+    if cfg.fuse_qkv and backend.name != "eager":
+        report["fused_qkv"] = _fuse_qkv(transformer)
+    vae = getattr(target, "vae", None)
+    fmt = _memory_format(plan.memory_format)
+    if vae is not None and fmt is not None:
+        vae.to(memory_format=fmt)
+
+    try:
+        info = backend.compile(transformer, plan)
+    except Exception as exc:
+        backend.undo(transformer)
+        if cfg.on_error == "raise":
+            raise CompileError(f"{backend.name} compilation failed: {type(exc).__name__}: {_first_line(exc)}; "
+                               "fix the option named above, or use on_error=fallback / backend=eager") from exc
+        report["backend_reason"] += "; compile failed"
+        _record_fallback(report, exc, "setup")
+    else:
+        report.update(info)
+        if info.get("compiled_modules"):
+            report["status"] = "compiled"
+            transformer.forward = _CompiledForward(transformer, backend, report, cfg.on_error)
+    report["setup_seconds"] = round(time.perf_counter() - started, 3)
+    report["global_settings"] = GLOBAL_SETTINGS.changed()
+    _attach(target, transformer, report)
+    return target
+
+
+def _fuse_qkv(transformer) -> bool:
+    try:
+        transformer.fuse_qkv_projections()
+        return True
+    except Exception as exc:  # older diffusers / custom attention processors
+        log.info("sd3plugin: fuse_qkv_projections not applied: %s", exc)
+        return False
+
+
+def _attach(target, transformer, report: dict) -> None:
+    setattr(transformer, REPORT_ATTR, report)
+    if target is not transformer:
+        setattr(target, REPORT_ATTR, report)
+
+
+def report(pipe_or_transformer) -> dict:
+    """What sd3plugin applied to this pipeline/transformer (a copy); ``{"optimized": False}`` if nothing."""
+    rep = getattr(pipe_or_transformer, REPORT_ATTR, None)
+    if rep is None:
+        rep = getattr(getattr(pipe_or_transformer, "transformer", None), REPORT_ATTR, None)
+    return copy.deepcopy(rep) if rep is not None else {"optimized": False}
+
+
+def undo(pipe_or_transformer) -> None:
+    """Remove sd3plugin's compilation from a pipeline/transformer (quantization stays)."""
+    transformer = pipe_or_transformer if is_sd3_transformer(pipe_or_transformer) else \
+        getattr(pipe_or_transformer, "transformer", None)
+    fwd = transformer.__dict__.pop("forward", None) if transformer is not None else None
+    if isinstance(fwd, _CompiledForward):
+        fwd.backend.undo(transformer)
+    for obj in (pipe_or_transformer, transformer):
+        if obj is not None and REPORT_ATTR in obj.__dict__:
+            delattr(obj, REPORT_ATTR)

@@ -1,0 +1,80 @@
+"""Load the configured pipeline through the hooked ``from_pretrained`` and run it.
+
+``model`` is an architecture preset (built once with random weights under ``cache_dir/models``), a
+local diffusers folder, or a Hub id (diffusers downloads it; needs network access).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .cache import cache_paths
+from .models import ARCHITECTURES, default_resolution, save_random_pipeline
+from .optimize import resolve_device, resolve_dtype
+
+log = logging.getLogger("sd3plugin")
+
+
+def model_path(cfg) -> str:
+    """The folder (or Hub id) to load for ``cfg.model``; random-weight presets are created on first use."""
+    if cfg.model not in ARCHITECTURES:
+        return cfg.model
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    folder = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "model_index.json").is_file():
+            log.info("sd3plugin: building random-weight %s pipeline in %s", cfg.model, folder)
+            # Built on the GPU when there is one: random init of the T5-XXL encoder on CPU takes minutes.
+            save_random_pipeline(cfg.model, folder, dtype=dtype, device=device)
+    return str(folder)
+
+
+def load_pipeline(cfg, pipeline_class=None):
+    """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device."""
+    from diffusers import StableDiffusion3Pipeline
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    cls = pipeline_class or StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(model_path(cfg), torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def resolution(cfg) -> tuple[int, int]:
+    default = default_resolution(cfg.model)
+    return int(cfg.height or default), int(cfg.width or default)
+
+
+def call_kwargs(cfg, height: int | None = None, width: int | None = None, steps: int | None = None,
+                output_type: str = "pil", seed: int | None = None) -> dict:
+    h, w = resolution(cfg)
+    device = resolve_device(cfg.device)
+    return dict(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt or None,
+                height=height or h, width=width or w, num_inference_steps=steps or cfg.steps,
+                guidance_scale=cfg.guidance_scale, num_images_per_prompt=cfg.num_images,
+                generator=torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed),
+                output_type=output_type)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def output_dir(cfg) -> Path:
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except Exception:  # not inside a Hydra app
+            path = Path("outputs")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
