@@ -27,7 +27,6 @@ class Architecture:
     clip_l: dict
     clip_g: dict
     t5: dict | None
-    max_sequence_length: int = 256
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -63,7 +62,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         clip_g=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     projection_dim=32, max_position_embeddings=77, hidden_act="gelu"),
         t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
-        max_sequence_length=16,
     ),
     "sd3-medium": Architecture(
         name="sd3-medium",
@@ -211,14 +209,13 @@ def save_random_pipeline(arch: str, path: str | os.PathLike, dtype=None, device:
     try:
         parts, scheduler, pipe_cls = build_random_pipeline(arch, dtype=dtype, device=device, seed=seed)
         _save_clip_tokenizer(tmp / "_tok_clip")
-        _save_t5_tokenizer(tmp / "_tok_t5", a.max_sequence_length)
+        _save_t5_tokenizer(tmp / "_tok_t5", 256)
         tok = CLIPTokenizer.from_pretrained(tmp / "_tok_clip")
         tok3 = T5TokenizerFast.from_pretrained(tmp / "_tok_t5")
         pipe = pipe_cls(scheduler=scheduler, tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok3, **parts)
         pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
         (tmp / "pipe" / "sd3plugin_arch.json").write_text(
-            json.dumps({"arch": a.name, "random_weights": True, "seed": seed,
-                        "max_sequence_length": a.max_sequence_length}, indent=2))
+            json.dumps({"arch": a.name, "random_weights": True, "seed": seed}, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp / "pipe", path)

@@ -41,8 +41,15 @@ def load_pipeline(cfg, pipeline_class=None):
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     cls = pipeline_class or StableDiffusion3Pipeline
-    pipe = cls.from_pretrained(model_path(cfg), torch_dtype=dtype)
+    pipe = cls.from_pretrained(model_path(cfg), **{dtype_kwarg(): dtype})
     return pipe.to(device)
+
+
+def dtype_kwarg() -> str:
+    """``dtype`` on diffusers that deprecate ``torch_dtype`` (0.42+), ``torch_dtype`` before."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def resolution(cfg) -> tuple[int, int]:

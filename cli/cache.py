@@ -1,0 +1,71 @@
+"""``sd3plugin-cache``: warm, pack, install, verify and inspect compile caches; ``doctor``.
+
+Each subcommand lives in its own module ``sd3plugin.cli.cmd_<name>`` with two functions:
+``add_parser(subparsers)`` (argparse) and ``run(args) -> int`` (exit code). Trailing ``key=value``
+arguments are Hydra overrides of the same config as ``sd3plugin-run``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from sd3plugin.errors import ConfigError
+
+from .exit_codes import EXIT
+
+COMMANDS = ["doctor", "warm", "pack", "install", "ls", "info", "prune", "clear", "verify"]
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"sd3plugin.cli.cmd_{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"sd3plugin.cli.cmd_{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd3plugin-cache",
+        description="Pre-warm, pack, ship and install sd3plugin compile caches. "
+                    "Trailing key=value arguments are Hydra overrides (as for sd3plugin-run).",
+        epilog="exit codes: " + ", ".join(f"{v}={k}" for k, v in EXIT.items()))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        mod = _load(name)
+        if mod is not None:
+            p = mod.add_parser(sub)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT["usage"]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key=value)")
+    args.overrides = list(getattr(args, "overrides", []) or []) + extra
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        _fail(args, f"sd3plugin-cache {args.command}: {exc}", EXIT["usage"])
+        return EXIT["usage"]
+
+
+def _fail(args, message: str, code: int) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
