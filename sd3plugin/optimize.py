@@ -1,6 +1,6 @@
 """``optimize(pipe_or_transformer, cfg, overrides)``: the one verb that applies a config.
 
-Order: resolve backend -> quantize -> fuse QKV -> memory format -> compile (regional). Any failure
+Order: resolve backend -> fuse QKV -> quantize -> memory format -> compile (regional). Any failure
 before the first call rolls everything back (on_error=raise) or keeps the eager module (fallback); a
 compile failure at the first call is caught by a guard around the transformer's forward, which undoes
 the compilation, warns once and records the cause in ``report(pipe)``.
@@ -92,8 +92,13 @@ class _CompiledForward:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    """One line naming the root cause (dynamo wraps backend errors in BackendCompilerFailed)."""
+    root = exc
+    while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    text = str(root).strip().splitlines()
+    line = text[0][:300] if text else ""
+    return f"{type(root).__name__}: {line}" if root is not exc else line or type(exc).__name__
 
 
 def _record_fallback(report: dict, exc: BaseException, when: str) -> None:
@@ -147,9 +152,14 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
     from .quant import quantize
 
     started = time.perf_counter()
-    report["quant"] = quantize(transformer, cfg.quant, plan.device)
     if cfg.fuse_qkv and backend.name != "eager":
         report["fused_qkv"] = _fuse_qkv(transformer)
+    try:  # after fusing: quantized weights cannot be concatenated, so the fused to_qkv gets quantized
+        report["quant"] = quantize(transformer, cfg.quant, plan.device, backend=backend.name)
+    except Exception:
+        if report["fused_qkv"]:
+            transformer.unfuse_qkv_projections()
+        raise
     vae = getattr(target, "vae", None)
     fmt = _memory_format(plan.memory_format)
     if vae is not None and fmt is not None:

@@ -156,7 +156,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     tokens = parse_mode(cfg.mode.spec)
     from ..quant import validate_quant
 
-    validate_quant(cfg.quant, tokens)
+    validate_quant(cfg.quant, tokens, device=cfg.device, dtype=cfg.dtype)
     for key in ("steps", "num_images"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be at least 1")

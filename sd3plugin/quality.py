@@ -1,0 +1,162 @@
+"""Output quality of an optimized pipeline against eager: same prompts, same seeds, compare the results.
+
+``compare_latents(ref, out)`` -> relative error of the final latents; ``compare_images(ref, out)`` ->
+PSNR and SSIM of the decoded images (SSIM from scikit-image: ``pip install 'sd3plugin[bench]'``);
+``save_grid(ref, out, path)`` writes a PNG with the eager row, the optimized row and their difference.
+With random weights (all that is available here) the numbers measure numerical drift, not image quality
+as people see it: say which weights were used next to every figure (``summary(..., weights=...)``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DIFF_GAIN = 10  # the grid's difference row shows |ref - out| x DIFF_GAIN
+
+
+def compare_latents(ref, out) -> dict:
+    """Relative error ||out - ref|| / ||ref|| (Frobenius norm, float64) and the largest absolute error."""
+    ref_t, out_t = _as_tensor(ref), _as_tensor(out)
+    if ref_t.shape != out_t.shape:
+        raise ValueError(f"latents differ in shape: reference {tuple(ref_t.shape)} vs optimized "
+                         f"{tuple(out_t.shape)}; compare outputs of the same prompts, seeds and resolution")
+    diff = out_t - ref_t
+    norm = ref_t.norm().item()
+    return {
+        "rel_error": diff.norm().item() / norm if norm > 0 else (0.0 if diff.norm().item() == 0 else math.inf),
+        "max_abs_error": diff.abs().max().item() if diff.numel() else 0.0,
+        "finite": bool(torch.isfinite(out_t).all().item()),
+    }
+
+
+def compare_images(ref_imgs, out_imgs) -> dict:
+    """Mean PSNR (dB, inf when identical) and SSIM over image pairs, plus the per-image values."""
+    refs, outs = to_arrays(ref_imgs), to_arrays(out_imgs)
+    if len(refs) != len(outs):
+        raise ValueError(f"{len(refs)} reference images but {len(outs)} optimized ones; generate the same "
+                         "prompts and seeds with both pipelines")
+    if not refs:
+        raise ValueError("no images to compare")
+    psnrs, ssims = [], []
+    for i, (a, b) in enumerate(zip(refs, outs)):
+        if a.shape != b.shape:
+            raise ValueError(f"image {i}: reference {a.shape} vs optimized {b.shape}; use the same resolution")
+        psnrs.append(psnr(a, b))
+        ssims.append(ssim(a, b))
+    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
+            "psnr_per_image": psnrs, "ssim_per_image": ssims}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two float images in [0, 1]."""
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two HxWxC float images in [0, 1] (scikit-image, Gaussian-free 7x7 window)."""
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        raise ImportError("SSIM needs scikit-image: pip install 'sd3plugin[bench]' (or pip install "
+                          "scikit-image)") from None
+    win = min(7, a.shape[0], a.shape[1])
+    win -= 1 - win % 2  # odd
+    if win < 3:
+        raise ValueError(f"images of {a.shape[0]}x{a.shape[1]} pixels are too small for SSIM (3x3 at least)")
+    return float(structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win))
+
+
+def to_arrays(images) -> list[np.ndarray]:
+    """PIL images, HxWxC uint8/float arrays or NxCxHxW / CxHxW tensors in [0, 1] -> float64 HxWxC arrays."""
+    from PIL import Image
+
+    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        else:
+            images = [images]
+    out = []
+    for img in images:
+        if isinstance(img, Image.Image):
+            arr = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+        elif isinstance(img, torch.Tensor):
+            arr = img.detach().float().cpu().numpy()
+            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+                arr = arr.transpose(1, 2, 0)
+            arr = arr.astype(np.float64)
+        else:
+            arr = np.asarray(img)
+            arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3:
+            raise ValueError(f"cannot read an image of shape {arr.shape}; give PIL images, HxWxC arrays or "
+                             "CxHxW tensors")
+        out.append(np.clip(arr, 0.0, 1.0))
+    return out
+
+
+def save_grid(ref_imgs, out_imgs, path, labels: Sequence[str] | None = None,
+              titles: Sequence[str] = ("reference (eager)", "optimized", f"|difference| x{DIFF_GAIN}")) -> Path:
+    """Write a PNG: one column per image pair; rows reference, optimized, amplified difference."""
+    from PIL import Image, ImageDraw
+
+    refs, outs = to_arrays(ref_imgs), to_arrays(out_imgs)
+    if len(refs) != len(outs) or not refs:
+        raise ValueError(f"need the same non-zero number of reference and optimized images, got "
+                         f"{len(refs)} and {len(outs)}")
+    rows = [refs, outs, [np.clip(np.abs(a - b) * DIFF_GAIN, 0, 1) for a, b in zip(refs, outs)]]
+    h = max(a.shape[0] for a in refs)
+    w = max(a.shape[1] for a in refs)
+    pad, head, side = 4, 14, 120
+    canvas = Image.new("RGB", (side + len(refs) * (w + pad), head + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(labels or [f"#{i}" for i in range(len(refs))]):
+        draw.text((side + c * (w + pad), 1), str(label)[: max(4, w // 6)], fill="black")
+    for r, (title, row) in enumerate(zip(titles, rows)):
+        y = head + r * (h + pad)
+        draw.text((2, y + h // 2 - 6), title, fill="black")
+        for c, arr in enumerate(row):
+            rgb = arr if arr.shape[-1] == 3 else np.repeat(arr[..., :1], 3, axis=-1)
+            canvas.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (side + c * (w + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)  # write whole, then rename: no half files
+    os.close(fd)
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def summary(latents: dict | None = None, images: dict | None = None, *, weights: str) -> dict:
+    """One quality record; ``weights`` says what the figures mean ("random" or a checkpoint name)."""
+    rec = {"weights": weights}
+    if weights == "random":
+        rec["note"] = ("random weights: the figures measure numerical drift against eager, not the visual "
+                       "quality of trained-model images")
+    if latents:
+        rec.update({f"latent_{k}": v for k, v in latents.items()})
+    if images:
+        rec.update({k: v for k, v in images.items() if k in ("psnr", "ssim")})
+    return rec
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected latents as a tensor or array, got {type(x).__name__}")
+    return x.detach().to("cpu", torch.float64)
