@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
 from typing import Iterable
 
 import torch
@@ -108,7 +107,6 @@ def _record_fallback(report: dict, exc: BaseException, when: str) -> None:
     msg = (f"sd3plugin: {report['backend']} compilation failed ({when}): {report['error']}; "
            "running eagerly (on_error=fallback)")
     log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
@@ -139,7 +137,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
             raise
         backend, reason = resolve_backend("eager", plan)[0], f"fallback to eager: {exc}"
         report["error"] = str(exc)
-        log.warning("sd3plugin: %s", exc)
+        log.warning("sd3plugin: %s; running eagerly (on_error=fallback)", exc)
     report["backend"], report["backend_reason"] = backend.name, reason
     log.info("sd3plugin: backend %s (%s)", backend.name, reason)
 
