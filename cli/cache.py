@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from sd3plugin.cache.errors import CacheError
 from sd3plugin.errors import ConfigError
 
 from .exit_codes import EXIT
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(args, f"sd3plugin-cache {args.command}: {exc}", EXIT["usage"])
         return EXIT["usage"]
+    except CacheError as exc:
+        code = EXIT.get(exc.exit_name, EXIT["error"])
+        _fail(args, f"sd3plugin-cache {args.command}: {exc}", code)
+        return code
 
 
 def _fail(args, message: str, code: int) -> None:

@@ -1,24 +1,42 @@
-"""Compile caches: where they live (``cache_dir``) and how they are activated for a process."""
+"""Compile caches: where they live (``cache_dir``), how a process uses them, how they are shipped.
+
+``activate(cache_dir)`` (called by ``optimize()`` before compiling) points inductor's and Triton's
+on-disk caches at ``cache_dir`` and hot-loads the Mega-Cache entries warmed or installed there (once
+per process). ``sd3plugin-cache`` (``cli/``) warms, packs, installs and verifies them; see docs/cache.md.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..global_settings import GLOBAL_SETTINGS
+from . import store
 
 
 def cache_paths(cache_dir: str | Path) -> dict[str, Path]:
     root = Path(cache_dir).expanduser()
-    return {"root": root, "inductor": root / "inductor", "triton": root / "inductor" / "triton",
-            "models": root / "models"}
+    return {"root": root, "inductor": root / store.INDUCTOR, "triton": root / store.INDUCTOR / "triton",
+            "models": root / "models", "entries": root / store.ENTRIES, "installed": root / store.INSTALLED}
 
 
 def activate(cache_dir: str | Path) -> dict:
-    """Point inductor's (and Triton's) on-disk caches at ``cache_dir``; return what was set."""
+    """Point inductor's and Triton's caches at ``cache_dir`` and load its Mega-Cache entries.
+
+    Returns what was set and loaded (it goes into ``report(pipe)["cache"]``). Cheap when nothing is
+    installed: no entry, no torch.compiler call.
+    """
     paths = cache_paths(cache_dir)
     paths["inductor"].mkdir(parents=True, exist_ok=True)
     GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", str(paths["inductor"]))
     GLOBAL_SETTINGS.set_env("TRITON_CACHE_DIR", str(paths["triton"]))
-    return {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"])}
+    info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"])}
+    from .megacache import load_entries
+
+    loaded = load_entries(paths["root"])
+    installed = store.read_json(paths["installed"])
+    info["cache"] = {"megacache_loaded": loaded["loaded"], "megacache_skipped": loaded["skipped"],
+                     "artifacts": loaded["artifacts"], "load_seconds": loaded["seconds"],
+                     "installed_archive": (installed or {}).get("archive_sha256")}
+    return info
 
 
 def activate_nexfort(cache_dir: str | Path) -> dict:

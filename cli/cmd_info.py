@@ -1,0 +1,54 @@
+"""``sd3plugin-cache info [FINGERPRINT | ARCHIVE]``: full manifest of an entry, an archive or the dir."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sd3plugin.cache.cliutil import add_common, cache_root, emit
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="show the manifest of a cache entry, an archive, or the whole cache dir",
+                       description="With an archive path: its manifest (read without loading anything). "
+                                   "With a fingerprint (or prefix): that entry. Without: every entry.")
+    p.add_argument("target", nargs="?", metavar="FINGERPRINT|ARCHIVE")
+    p.add_argument("--files", action="store_true", help="with an archive: list every file too")
+    return add_common(p, overrides=False)
+
+
+def run(args) -> int:
+    from sd3plugin.cache import store
+    from sd3plugin.cache.archive import check_compatibility, read_manifest
+    from sd3plugin.cache.errors import CacheNotFoundError, IncompatibleCacheError
+
+    args.overrides = getattr(args, "overrides", [])
+    target = args.target
+    if target and Path(target).expanduser().is_file():
+        m = read_manifest(Path(target).expanduser())
+        try:
+            warnings, compatible = check_compatibility(m), True
+        except IncompatibleCacheError as exc:
+            warnings, compatible = [str(exc)], False
+        files = m.pop("files", {})
+        out = {"ok": True, "archive": target, "manifest": m, "files": len(files), "compatible": compatible,
+               "warnings": warnings}
+        if args.files:
+            out["file_list"] = files
+        text = json.dumps(out, indent=2, default=str)
+        emit(args, out, text)
+        return 0
+    root = cache_root(args)
+    entries = store.find_entries(root, target or "")
+    if target and not entries:
+        raise CacheNotFoundError(f"no entry {target!r} in {str(root)!r} and no such archive file; see "
+                                 "`sd3plugin-cache ls`")
+    from .cmd_ls import summary
+
+    info = summary(root)
+    wanted = {e["fingerprint"] for e in entries}
+    info["entries"] = [dict(e, blobs=next(x for x in entries if x["fingerprint"] == e["fingerprint"]).get("blobs"),
+                            composed_config=next(x for x in entries if x["fingerprint"] == e["fingerprint"])
+                            .get("composed_config"))
+                       for e in info["entries"] if e["fingerprint"] in wanted]
+    emit(args, {"ok": True, **info}, json.dumps(info, indent=2, default=str))
+    return 0

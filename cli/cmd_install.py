@@ -1,0 +1,31 @@
+"""``sd3plugin-cache install ARCHIVE [--force] [--expect-sha256 HEX]``: verify, then install atomically."""
+from __future__ import annotations
+
+from sd3plugin.cache.cliutil import add_common, cache_root, emit
+
+
+def add_parser(sub):
+    p = sub.add_parser("install", help="verify an archive and install it into the cache dir",
+                       description="Checks the archive (its sha256 with --expect-sha256, every file's "
+                                   "checksum, member safety, compatibility with this machine) before "
+                                   "writing anything, then extracts into a temporary folder in the cache dir "
+                                   "and moves it into place. An archive is code (pickles and compiled "
+                                   "libraries): install only archives you trust.")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--force", action="store_true",
+                   help="install even if built for another torch/triton/python/GPU (never skips checksums)")
+    p.add_argument("--expect-sha256", metavar="HEX", help="refuse unless the archive file has this sha256")
+    return add_common(p, lock=True, overrides=True)
+
+
+def run(args) -> int:
+    from sd3plugin.cache.archive import install
+
+    result = install(args.archive, cache_root(args), force=args.force, expect_sha256=args.expect_sha256,
+                     lock_timeout=args.lock_timeout)
+    lines = [f"installed {result['files']} files of {result['archive']} into {result['cache_dir']} "
+             f"(entries: {', '.join(result['entries']) or 'none'})"]
+    lines += [f"  replaced entry {x}" for x in result["replaced_entries"]]
+    lines += [f"  warning: {w}" for w in result["warnings"]]
+    emit(args, {"ok": True, **result}, "\n".join(lines))
+    return 0

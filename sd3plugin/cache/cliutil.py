@@ -1,0 +1,59 @@
+"""Shared pieces of the ``sd3plugin-cache`` subcommands: common flags, cache dir, output, confirmation."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .lock import DEFAULT_TIMEOUT_S
+
+
+def add_common(p, cache_dir: bool = True, lock: bool = False, overrides: bool = True):
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if cache_dir:
+        p.add_argument("--cache-dir", metavar="DIR",
+                       help="cache dir (default: the config's cache_dir, i.e. $SD3PLUGIN_CACHE_DIR or "
+                            "~/.cache/sd3plugin)")
+    if lock:
+        p.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help=f"wait this long for another process's lock on the cache dir (default {DEFAULT_TIMEOUT_S:g})")
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="Hydra overrides, key=value")
+    return p
+
+
+def compose_args(args):
+    """The composed config of the command's overrides, with ``--cache-dir`` applied."""
+    from ..config import compose
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is not an override (key=value); see sd3plugin-cache {args.command} -h")
+    cfg = compose(None, args.overrides)
+    if getattr(args, "cache_dir", None):
+        cfg.cache_dir = str(Path(args.cache_dir).expanduser().absolute())
+    return cfg
+
+
+def cache_root(args) -> Path:
+    if getattr(args, "cache_dir", None):
+        return Path(args.cache_dir).expanduser().absolute()
+    return Path(compose_args(args).cache_dir).expanduser().absolute()
+
+
+def emit(args, result: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text)
+
+
+def confirm(args, question: str) -> bool:
+    """True with --yes or a 'y' answer on a terminal; a ConfigError (exit 2) when nobody can answer."""
+    if getattr(args, "yes", False):
+        return True
+    if getattr(args, "json", False) or not sys.stdin.isatty():
+        raise ConfigError(f"{question.rstrip('?')}: needs confirmation; pass --yes (no terminal to ask)")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")

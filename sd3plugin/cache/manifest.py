@@ -1,0 +1,94 @@
+"""What a cache was built with: the machine's versions, the config fingerprint, and compatibility checks.
+
+Compiled artefacts are only valid for the same torch, triton, python and GPU architecture; a mismatch
+is refused (``--force`` overrides). Other differences (diffusers, cuDNN, GPU model of the same
+architecture, sd3plugin) are reported as warnings: they can cost cache misses, never wrong results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+
+from omegaconf import OmegaConf
+
+# Config keys that change what gets compiled (run settings such as prompt, steps or seed do not).
+COMPILE_KEYS = ("model", "backend", "mode", "memory_format", "dynamic", "quant", "backend_options",
+                "fuse_qkv", "compile_vae", "device", "dtype")
+# Environment keys that must match for compiled artefacts to load; the rest only warn.
+REQUIRED_MATCH = ("torch", "triton", "python", "machine", "cuda", "gpu_capability")
+WARN_MATCH = ("gpu", "cudnn", "diffusers", "sd3plugin")
+
+
+def environment() -> dict:
+    """Versions and hardware of this machine, as recorded in a manifest."""
+    import diffusers
+    import torch
+
+    from .. import __version__
+
+    env = {"sd3plugin": __version__, "python": ".".join(platform.python_version_tuple()[:2]),
+           "python_full": platform.python_version(), "machine": platform.machine(),
+           "torch": torch.__version__, "triton": _triton_version(), "cuda": torch.version.cuda,
+           "cudnn": _cudnn_version(), "diffusers": diffusers.__version__, "gpu": "cpu",
+           "gpu_capability": "cpu"}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+    return env
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _cudnn_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.backends.cudnn.version()
+    except Exception:
+        return None
+    return str(v) if v else None
+
+
+def compile_config(cfg) -> dict:
+    """The part of a composed config that determines the compiled graphs (device/dtype resolved)."""
+    from ..optimize import resolve_device, resolve_dtype
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    out = {k: data.get(k) for k in COMPILE_KEYS}
+    device = resolve_device(cfg.device)
+    out["device"] = device
+    out["dtype"] = str(resolve_dtype(cfg.dtype, device)).split(".")[-1]
+    if isinstance(out.get("mode"), dict):
+        out["mode"] = {"spec": out["mode"].get("spec", "")}  # name/description do not change graphs
+    return out
+
+
+def fingerprint(cfg) -> str:
+    """Short stable hash of ``compile_config(cfg)``: names the cache entry of one config."""
+    blob = json.dumps(compile_config(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def compatibility(recorded: dict, here: dict | None = None, device: str | None = None
+                  ) -> tuple[list[str], list[str]]:
+    """(errors, warnings): how ``recorded`` (a manifest's environment) differs from this machine.
+
+    ``device`` is the device the artefacts were compiled for; CPU artefacts ignore the GPU fields.
+    """
+    here = environment() if here is None else here
+    errors, warnings = [], []
+    for key in REQUIRED_MATCH + WARN_MATCH:
+        if device == "cpu" and key in ("gpu", "gpu_capability", "cudnn", "triton"):
+            continue
+        a, b = recorded.get(key), here.get(key)
+        if a != b:
+            line = f"{key} {a} (archive) vs {b} (here)"
+            (errors if key in REQUIRED_MATCH else warnings).append(line)
+    return errors, warnings

@@ -1,0 +1,78 @@
+"""PyTorch's Mega-Cache: save the artefacts a process compiled, hot-load them in another one.
+
+``load_entries(root)`` loads every compatible entry blob of a cache dir once per process (it writes
+the artefacts into the inductor/Triton dirs that ``activate`` chose). ``compile_counters()`` reads
+dynamo's counters: FX-graph cache misses are fresh compilations.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from . import store
+from .manifest import compatibility, environment
+
+log = logging.getLogger("sd3plugin")
+_LOADED: dict[str, tuple[int, int]] = {}  # blob path -> (size, mtime_ns) already loaded in this process
+
+
+def load_entries(root: str | Path) -> dict:
+    """Hot-load the Mega-Cache blobs under ``root/entries`` not loaded yet; report what happened."""
+    entries = store.list_entries(root)
+    result = {"loaded": [], "skipped": [], "artifacts": {}, "seconds": 0.0}
+    if not entries:
+        return result
+    import torch
+
+    here = environment()
+    started = time.perf_counter()
+    for entry in entries:
+        errors, _ = compatibility(entry.get("environment", {}), here, entry.get("config", {}).get("device"))
+        for path in store.blob_paths(entry):
+            stat = path.stat()
+            ident = (stat.st_size, stat.st_mtime_ns)
+            if _LOADED.get(str(path)) == ident:
+                continue
+            if errors:
+                result["skipped"].append({"blob": str(path), "reason": "; ".join(errors)})
+                continue
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+            _LOADED[str(path)] = ident
+            if info is None:
+                result["skipped"].append({"blob": str(path), "reason": "torch could not read it"})
+                continue
+            result["loaded"].append(str(path))
+            for kind, keys in info.artifacts.items():
+                result["artifacts"][kind] = result["artifacts"].get(kind, 0) + len(keys)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    if result["loaded"]:
+        log.info("sd3plugin: loaded %d compile-cache blob(s) from %s (%s)", len(result["loaded"]), root,
+                 ", ".join(f"{v} {k}" for k, v in result["artifacts"].items()))
+    for skipped in result["skipped"]:
+        log.warning("sd3plugin: compile cache %s not loaded: %s", skipped["blob"], skipped["reason"])
+    return result
+
+
+def save_artifacts() -> tuple[bytes, dict] | None:
+    """This process's compiled artefacts as one Mega-Cache blob, and their counts by kind."""
+    import torch
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    blob, info = saved
+    return blob, {kind: len(keys) for kind, keys in info.artifacts.items()}
+
+
+def compile_counters() -> dict:
+    """Cache hits/misses so far in this process (inductor FX graphs and AOTAutograd)."""
+    from torch._dynamo.utils import counters
+
+    ind, aot = counters["inductor"], counters["aot_autograd"]
+    return {"fxgraph_cache_miss": int(ind["fxgraph_cache_miss"]),
+            "fxgraph_cache_bypass": int(ind["fxgraph_cache_bypass"]),
+            "fxgraph_cache_hit": int(ind["fxgraph_cache_hit"]),
+            "autograd_cache_miss": int(aot["autograd_cache_miss"]),
+            "autograd_cache_hit": int(aot["autograd_cache_hit"]),
+            "fresh_compilations": int(ind["fxgraph_cache_miss"]) + int(ind["fxgraph_cache_bypass"])}

@@ -1,0 +1,125 @@
+"""``verify``: prove the warm start in a fresh process.
+
+The parent starts ``python -m sd3plugin.cache.verify`` so nothing compiled in the calling process can
+help; the child loads the configured pipeline with the cache, makes one image and reports time to
+first image, fresh compilations (inductor FX-graph cache misses and bypasses) and cache hits.
+"""
+from __future__ import annotations
+
+import time
+
+_T_START = time.perf_counter()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import CacheError, CacheNotFoundError, NothingCompiledError  # noqa: E402
+
+MARK = "sd3plugin_verify="
+
+
+def select_entry(cfg) -> dict:
+    """The entry of ``cfg``'s fingerprint in its cache dir; CacheNotFoundError naming what is there."""
+    from . import store
+    from .manifest import fingerprint
+
+    root = Path(cfg.cache_dir).expanduser()
+    fp = fingerprint(cfg)
+    entries = store.list_entries(root)
+    for e in entries:
+        if e.get("fingerprint") == fp:
+            return e
+    if not entries:
+        raise CacheNotFoundError(f"no compile cache in {str(root)!r}; install one (`sd3plugin-cache install "
+                                 "ARCHIVE`) or warm one (`sd3plugin-cache warm`)")
+    present = ", ".join(f"{e['fingerprint']} ({_describe(e)})" for e in entries)
+    raise CacheNotFoundError(f"no cache entry for this config (fingerprint {fp}) in {str(root)!r}; present: "
+                             f"{present}. Give the same overrides as for warm")
+
+
+def _describe(entry: dict) -> str:
+    c = entry.get("config", {})
+    return f"model={c.get('model')} mode={c.get('mode', {}).get('spec')!r} device={c.get('device')}"
+
+
+def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | None = None,
+           timeout: float | None = None) -> dict:
+    """Run the warm start in a child process; raise NothingCompiledError if it compiled anything."""
+    entry = select_entry(cfg)
+    if shape is None:
+        shape = dict(entry["shapes"][0])
+    payload = {"overrides": list(overrides), "cache_dir": str(cfg.cache_dir), "shape": shape,
+               "steps": steps}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sd3plugin.cache.verify", json.dumps(payload)],
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARK)), None)
+    if proc.returncode != 0 or line is None:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise CacheError(f"the verify process failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(line[len(MARK):])
+    result["process_seconds"] = round(wall, 3)
+    result["fingerprint"] = entry["fingerprint"]
+    result["ok"] = result["fresh_compilations"] == 0 and result["status"] == "compiled"
+    if result["status"] != "compiled":
+        raise CacheError(f"the pipeline was not compiled in the verify process (status {result['status']}: "
+                         f"{result.get('error')})")
+    if result["fresh_compilations"]:
+        err = NothingCompiledError(
+            f"the warm start compiled {result['fresh_compilations']} graph(s) (FX-graph cache misses) for "
+            f"{shape['width']}x{shape['height']} batch {shape['batch_size']}; the cache does not cover this "
+            "config/shape or was built with another torch. Warm this shape (--resolutions/--batch-sizes)")
+        err.result = result
+        raise err
+    return result
+
+
+def _child(payload: dict) -> dict:
+    import sd3plugin
+
+    from ..config import compose
+    from ..optimize import resolve_device
+    from ..pipeline import call_kwargs, load_pipeline, model_path, synchronize
+    from .megacache import compile_counters
+
+    import diffusers  # noqa: F401  (imports are part of the warm start: counted in import_seconds)
+    from diffusers import StableDiffusion3Pipeline  # noqa: F401
+
+    imported = time.perf_counter()
+    cfg = compose(None, payload["overrides"])
+    cfg.cache_dir = payload["cache_dir"]
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    model_path(cfg)  # random-weight presets are built once; not part of the warm start
+    build = time.perf_counter() - t0
+    shape = payload["shape"]
+    with sd3plugin.enabled(cfg):
+        t1 = time.perf_counter()
+        pipe = load_pipeline(cfg)
+        t2 = time.perf_counter()
+        kwargs = call_kwargs(cfg, height=shape["height"], width=shape["width"], steps=payload.get("steps"),
+                             output_type="pil")
+        kwargs["num_images_per_prompt"] = shape["batch_size"]
+        if not shape.get("guidance", True):
+            kwargs["guidance_scale"] = 1.0
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(**kwargs).images
+        synchronize(device)
+        t3 = time.perf_counter()
+        rep = sd3plugin.report(pipe)
+    counters = compile_counters()
+    return {"time_to_first_image_seconds": round(t3 - _T_START - build, 3),
+            "import_seconds": round(imported - _T_START, 3), "load_seconds": round(t2 - t1, 3),
+            "first_image_seconds": round(t3 - t2, 3), "model_build_seconds": round(build, 3),
+            "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
+            "status": rep.get("status"), "error": rep.get("error"), "backend": rep.get("backend"),
+            "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"), **counters}
+
+
+if __name__ == "__main__":
+    out = _child(json.loads(sys.argv[1]))
+    print(MARK + json.dumps(out, default=str), flush=True)
