@@ -1,0 +1,273 @@
+"""What this machine can run: versions, GPU, usable backends, and nexfort's install layout.
+
+Used by ``sd3plugin-cache doctor`` and by the nexfort backend's availability check. Nothing here imports
+the nexfort modules that end the process without a licence (see ``LICENSED_NEXFORT_MODULES``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+# nexfort 0.1.dev330 refuses to import on anything but this stack (REFERENCE.md section 3).
+NEXFORT_VERSION = "0.1.dev330"
+NEXFORT_TORCH = "2.4.0"
+NEXFORT_TRITON = "3.0.0"
+LICENCE_ENV = "SILICON_ONEDIFF_LICENSE_KEY"
+# Importing these without a licence key starts a thread that ends the process (exit code 255).
+LICENSED_NEXFORT_MODULES = ("nexfort.nn.modules", "nexfort.nn.attention_processor",
+                            "nexfort.compilers.register_diffusers")
+# The 0.1.dev330 wheel puts these at the top of site-packages instead of nexfort/inductor/codegen/
+# (onediff#1189); the first compiled call then fails with "No module named 'nexfort.inductor.codegen'".
+NEXFORT_CODEGEN_PACKAGE = ("nexfort", "inductor", "codegen")
+NEXFORT_CODEGEN_MODULES = ("triton", "triton_helpers", "nexfort_codegen_extension")
+FIX_HINT = "run `sd3plugin-cache doctor --fix`"
+INSTALL_HINT = "scripts/nexfort-env.sh builds the torch 2.4 stack it needs"
+
+
+class LayoutFixError(PermissionError):
+    """nexfort's layout cannot be repaired here (read-only site-packages, not the owner...)."""
+
+
+def dist_version(name: str) -> str | None:
+    """Installed version of a distribution, without importing it; None if not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def base_version(version: str | None) -> str | None:
+    """'2.4.0+cu121' -> '2.4.0'."""
+    return version.split("+")[0] if version else None
+
+
+def versions() -> dict:
+    """Versions of everything that decides what can run (None: not installed)."""
+    import torch
+
+    cudnn = None
+    try:
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:  # CPU builds without cuDNN
+        cudnn = None
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": cudnn}
+    for name in ("triton", "diffusers", "transformers", "huggingface-hub", "onediff", "onediffx", "nexfort",
+                 "torchao", "sd3plugin"):
+        info[name] = dist_version(name)
+    return info
+
+
+def gpu_info() -> dict:
+    """The first visible CUDA GPU, its compute capability and whether it runs fp8 (sm >= 8.9)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"available": False, "count": 0, "name": None, "capability": None, "fp8": False}
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"available": True, "count": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0),
+            "capability": f"{major}.{minor}", "fp8": (major, minor) >= (8, 9)}
+
+
+# -- nexfort's misplaced extension modules ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MisplacedModule:
+    source: Path   # where the wheel put it (top of site-packages)
+    target: Path   # where nexfort imports it from
+
+
+def nexfort_distribution(paths: list[str] | None = None):
+    """The installed nexfort distribution (searched in ``paths``, default sys.path), or None."""
+    for dist in metadata.distributions(name="nexfort", path=paths if paths is not None else sys.path):
+        return dist
+    return None
+
+
+def _is_codegen_module(filename: str) -> bool:
+    return filename.split(".")[0] in NEXFORT_CODEGEN_MODULES and filename.endswith((".so", ".pyd"))
+
+
+def misplaced_nexfort_modules(dist=None) -> list[MisplacedModule]:
+    """nexfort's codegen extension modules lying at the top of site-packages (empty: layout is fine)."""
+    dist = dist if dist is not None else nexfort_distribution()
+    if dist is None:
+        return []
+    site = Path(dist.locate_file(""))
+    target_dir = site.joinpath(*NEXFORT_CODEGEN_PACKAGE)
+    found = []
+    for rel in dist.files or []:
+        if len(rel.parts) == 1 and _is_codegen_module(rel.name) and (site / rel.name).exists():
+            found.append(MisplacedModule(site / rel.name, target_dir / rel.name))
+    return found
+
+
+def _writable(path: Path) -> bool:
+    """Whether files can be created in ``path`` (tried for real: permissions, read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=path, prefix=".sd3plugin-write-test-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def _rewrite_record(dist, moved: list[MisplacedModule], init_rel: str | None) -> None:
+    """Point the RECORD entries of moved files at their new place, so `pip uninstall` removes them."""
+    records = [f for f in dist.files or [] if f.name == "RECORD" and f.parent.name.endswith(".dist-info")]
+    if not records:
+        return
+    record = Path(dist.locate_file(records[0]))
+    site = Path(dist.locate_file(""))
+    renames = {m.source.relative_to(site).as_posix(): m.target.relative_to(site).as_posix() for m in moved}
+    lines = []
+    for line in record.read_text().splitlines():
+        path, sep, rest = line.partition(",")
+        lines.append(renames.get(path, path) + sep + rest)
+    if init_rel and not any(ln.startswith(init_rel + ",") for ln in lines):
+        lines.append(f"{init_rel},,")
+    tmp = record.with_suffix(".sd3plugin-tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, record)
+
+
+def fix_nexfort_layout(dist=None) -> list[str]:
+    """Move nexfort's misplaced extension modules into nexfort/inductor/codegen/ (idempotent).
+
+    Returns one line per action taken (empty: nothing to do). Raises LayoutFixError, before changing
+    anything, when the site-packages folder cannot be written.
+    """
+    dist = dist if dist is not None else nexfort_distribution()
+    misplaced = misplaced_nexfort_modules(dist)
+    if not misplaced:
+        return []
+    site = Path(dist.locate_file(""))
+    target_dir = misplaced[0].target.parent
+    probe = target_dir if target_dir.is_dir() else site
+    for folder in {site, probe}:
+        if not _writable(folder):
+            raise LayoutFixError(
+                f"cannot repair nexfort's layout: {folder} is not writable by this user; run "
+                f"`sd3plugin-cache doctor --fix` as the owner of that Python environment (or with sudo), "
+                f"or move {', '.join(m.source.name for m in misplaced)} into {target_dir}/ yourself")
+    actions = []
+    target_dir.mkdir(parents=True, exist_ok=True)
+    init = target_dir / "__init__.py"
+    init_rel = None
+    if not init.exists():
+        init.write_text("# created by sd3plugin-cache doctor --fix (nexfort wheel layout, onediff#1189)\n")
+        init_rel = init.relative_to(site).as_posix()
+        actions.append(f"created {init}")
+    for m in misplaced:
+        os.replace(m.source, m.target)  # same folder tree: an atomic rename
+        actions.append(f"moved {m.source} -> {m.target}")
+    _rewrite_record(dist, misplaced, init_rel)
+    return actions
+
+
+# -- whether the nexfort backend can run ---------------------------------------------------------------
+
+def licensed_modules_loaded() -> list[str]:
+    return [m for m in LICENSED_NEXFORT_MODULES if m in sys.modules]
+
+
+def nexfort_static_check() -> tuple[bool, str]:
+    """Versions and layout, without importing nexfort: (ok, reason)."""
+    nexfort = dist_version("nexfort")
+    if nexfort is None:
+        return False, f"nexfort is not installed ({INSTALL_HINT})"
+    import torch
+
+    torch_v = base_version(torch.__version__)
+    if torch_v != NEXFORT_TORCH:
+        return False, (f"nexfort {nexfort} needs torch {NEXFORT_TORCH} exactly, this is torch {torch.__version__} "
+                       f"({INSTALL_HINT})")
+    triton_v = base_version(dist_version("triton"))
+    if triton_v != NEXFORT_TRITON:
+        return False, f"nexfort {nexfort} needs triton {NEXFORT_TRITON}, this has triton {triton_v} ({INSTALL_HINT})"
+    for name in ("onediff",):
+        if importlib.util.find_spec(name) is None:
+            return False, f"nexfort is installed but {name} is not (pip install '.[nexfort]')"
+    misplaced = misplaced_nexfort_modules()
+    if misplaced:
+        return False, (f"nexfort's extension modules {', '.join(m.source.name.split('.')[0] for m in misplaced)} "
+                       f"lie at the top of site-packages (onediff#1189); {FIX_HINT}")
+    return True, f"nexfort {nexfort}, torch {torch.__version__}, triton {triton_v}"
+
+
+@functools.lru_cache(maxsize=1)
+def nexfort_status() -> tuple[bool, str]:
+    """(usable, reason) for the nexfort backend: versions, layout, then the real imports (cached)."""
+    ok, reason = nexfort_static_check()
+    if not ok:
+        return ok, reason
+    try:
+        importlib.import_module("nexfort")
+        importlib.import_module("nexfort.dynamo")  # registers the torch.compile backend "nexfort"
+        importlib.import_module("nexfort.compilers")
+        importlib.import_module("onediff.infer_compiler")
+    except Exception as exc:  # nexfort raises RuntimeError/ImportError on a mismatched build
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return False, f"nexfort does not import: {type(exc).__name__}: {first} ({INSTALL_HINT})"
+    loaded = licensed_modules_loaded()
+    if loaded and not os.environ.get(LICENCE_ENV):
+        return False, f"importing nexfort loaded licensed modules {loaded} without {LICENCE_ENV}"
+    return True, f"{reason}, onediff {dist_version('onediff')}"
+
+
+# -- doctor's report -----------------------------------------------------------------------------------
+
+def directory_size(path: str | Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def backends_usable(plan) -> dict:
+    """{name: {"usable": bool, "reason": str}} for every registered backend, plus what auto picks."""
+    from .backends import _REGISTRY, resolve_backend
+
+    out = {}
+    for name, cls in _REGISTRY.items():
+        ok, why = cls().availability(plan)
+        out[name] = {"usable": bool(ok), "reason": why}
+    chosen, reason = resolve_backend("auto", plan)
+    out["auto"] = {"usable": True, "chooses": chosen.name, "reason": reason}
+    return out
+
+
+def report(cfg) -> dict:
+    """Everything ``sd3plugin-cache doctor`` shows, as a dict (its --json output)."""
+    from .optimize import make_plan
+
+    plan = make_plan(cfg)
+    cache = Path(plan.cache_dir).expanduser()
+    return {
+        "versions": versions(),
+        "gpu": gpu_info(),
+        "backends": backends_usable(plan),
+        "cache": {"dir": str(cache), "exists": cache.is_dir(),
+                  "size_bytes": directory_size(cache) if cache.is_dir() else 0},
+        "nexfort_layout": {"misplaced": [str(m.source) for m in misplaced_nexfort_modules()],
+                           "target": _codegen_target()},
+        "licence_key_set": bool(os.environ.get(LICENCE_ENV)),
+    }
+
+
+def _codegen_target() -> str | None:
+    dist = nexfort_distribution()
+    return str(Path(dist.locate_file("")).joinpath(*NEXFORT_CODEGEN_PACKAGE)) if dist is not None else None
