@@ -145,8 +145,8 @@ def check_member_name(name: str) -> str:
         raise CorruptArchiveError(f"unsafe archive member {name!r}: '..' or '.' in the path; refusing to "
                                   "install")
     if parts[0] not in store.PACKED_DIRS:
-        raise CorruptArchiveError(f"unexpected archive member {name!r}: only {', '.join(store.PACKED_DIRS)} "
-                                  "belong in a cache archive; refusing to install")
+        raise CorruptArchiveError(f"unsafe archive member {name!r}: outside {'/, '.join(store.PACKED_DIRS)}/, "
+                                  "the only folders of a cache archive; refusing to install")
     return "/".join(parts)
 
 
