@@ -160,3 +160,134 @@ def _as_tensor(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected latents as a tensor or array, got {type(x).__name__}")
     return x.detach().to("cpu", torch.float64)
+
+
+def latent_ssim(ref, out) -> float:
+    """Mean SSIM of latent-shaped tensors (N x C x H x W), channels as image channels, range of ``ref``."""
+    from skimage.metrics import structural_similarity
+
+    ref_t, out_t = _as_tensor(ref), _as_tensor(out)
+    if ref_t.dim() == 3:
+        ref_t, out_t = ref_t[None], out_t[None]
+    rng = float(ref_t.max() - ref_t.min()) or 1.0
+    win = min(7, ref_t.shape[-2], ref_t.shape[-1])
+    win -= 1 - win % 2
+    return float(np.mean([structural_similarity(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(),
+                                                data_range=rng, channel_axis=-1, win_size=win)
+                          for a, b in zip(ref_t, out_t)]))
+
+
+def layer_sensitivity(transformer, quant_type: str, inputs: dict, names: Sequence[str] | None = None,
+                      progress: bool = True) -> dict:
+    """Quantize one Linear layer at a time and measure the transformer's output against the original.
+
+    Returns the seed's JSON form ``{module: {"ssim": ..., "rel_error": ...}}`` (SSIM of the predicted
+    noise, not of decoded images) for ``quant.submodules_config_path`` with ``quant.top_percentage``.
+    ``inputs`` are the transformer's keyword arguments for one step (hidden_states, timestep, ...).
+    """
+    from tqdm import tqdm
+    from torchao.quantization import quantize_
+
+    from .quant import linear_modules, preset
+
+    make_config = preset(quant_type).torchao_config
+    if make_config is None:
+        raise ValueError("quant_type=none quantizes nothing; give a preset such as int8_dynamic")
+    linears = linear_modules(transformer)
+    unknown = [n for n in names or () if n not in linears]
+    if unknown:
+        raise ValueError(f"not Linear layers of this transformer: {', '.join(unknown[:20])}")
+    with torch.no_grad():
+        ref = transformer(**inputs, return_dict=False)[0]
+    result = {}
+    for name in tqdm(list(names or linears), desc=f"{quant_type} per layer", disable=not progress):
+        mod = linears[name]
+        saved = mod.weight
+        try:
+            quantize_(mod, make_config())
+            with torch.no_grad():
+                out = transformer(**inputs, return_dict=False)[0]
+        finally:
+            mod.weight = saved
+            mod.__dict__.pop("extra_repr", None)
+        result[name] = {"ssim": latent_ssim(ref, out), "rel_error": compare_latents(ref, out)["rel_error"]}
+    return result
+
+
+def write_submodules_json(metrics: dict, path) -> Path:
+    """Write ``layer_sensitivity``'s result as the JSON that ``quant.submodules_config_path`` reads."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def random_transformer_inputs(config, height: int, width: int, batch: int = 2, text_tokens: int = 333,
+                              device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
+    """One denoising step's transformer inputs of the right shapes (CFG batch 2, 77 CLIP + 256 T5 tokens)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    lat = (batch, config.in_channels, height // 8, width // 8)
+    t = {"hidden_states": torch.randn(lat, generator=g),
+         "encoder_hidden_states": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=g),
+         "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=g)}
+    t = {k: v.to(device, dtype) for k, v in t.items()}
+    t["timestep"] = torch.full((batch,), 500.0, device=device, dtype=dtype)
+    return t
+
+
+def main(argv=None) -> int:
+    """``python -m sd3plugin.quality sensitivity``: per-layer quantization error -> seed-form JSON."""
+    import argparse
+    import fnmatch
+    import time
+
+    from diffusers import SD3Transformer2DModel
+
+    from .models import ARCHITECTURES
+
+    p = argparse.ArgumentParser(prog="python -m sd3plugin.quality")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sensitivity", help="quantize one Linear layer at a time, measure the output error")
+    s.add_argument("--model", default="sd3-medium",
+                   help=f"architecture with random weights ({', '.join(ARCHITECTURES)}) or a diffusers folder")
+    s.add_argument("--quant", default="int8_dynamic", help="quantization preset")
+    s.add_argument("--height", type=int, default=1024)
+    s.add_argument("--width", type=int, default=1024)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--layers", nargs="*", default=["*"], help="fnmatch patterns of the layers to measure")
+    s.add_argument("--out", required=True, help="JSON file for quant.submodules_config_path")
+    args = p.parse_args(argv)
+
+    from .quant import check_device, linear_modules
+
+    check_device(args.quant, args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.model in ARCHITECTURES:
+        weights = "random"
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            transformer = SD3Transformer2DModel(**ARCHITECTURES[args.model].transformer)
+        transformer = transformer.to(dtype).eval()
+    else:
+        weights = args.model
+        transformer = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer",
+                                                            torch_dtype=dtype).to(args.device).eval()
+    inputs = random_transformer_inputs(transformer.config, args.height, args.width, device=args.device, dtype=dtype)
+    names = [n for n in linear_modules(transformer) if any(fnmatch.fnmatchcase(n, pat) for pat in args.layers)]
+    started = time.perf_counter()
+    metrics = layer_sensitivity(transformer, args.quant, inputs, names)
+    write_submodules_json(metrics, args.out)
+    worst = sorted(metrics, key=lambda n: metrics[n]["rel_error"], reverse=True)[:10]
+    print(f"{len(metrics)} layers of {args.model} ({weights} weights), quant={args.quant}, "
+          f"{args.height}x{args.width}, {time.perf_counter() - started:.1f} s -> {args.out}")
+    print("largest output errors: " + ", ".join(f"{n} {metrics[n]['rel_error']:.2e}" for n in worst))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

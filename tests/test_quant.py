@@ -250,16 +250,18 @@ def test_int8_dynamic_eager_close_to_reference(tiny_path, cache_dir, eager_laten
 
 
 @pytest.mark.slow
-def test_int8_dynamic_then_regional_compile(tiny_path, cache_dir, eager_latents):
-    """Quantize after fusing QKV, compile the blocks afterwards: output equals the eager quantized one."""
+def test_int8_dynamic_then_regional_compile_dynamic_shapes(tiny_path, cache_dir, eager_latents):
+    """Quantize after fusing QKV, compile the blocks afterwards (dynamic shapes): output equals the eager
+    quantized one at two resolutions, and the second resolution reuses the compiled graphs."""
+    sizes = [(64, 64), (48, 80)]
     eager_q = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
                                  overrides=["quant=int8_dynamic", "backend=eager", "fuse_qkv=false"])
-    ref_q = eager_q(**tiny_call()).images
+    ref_q = {hw: eager_q(**tiny_call(height=hw[0], width=hw[1])).images for hw in sizes}
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
                               overrides=["quant=int8_dynamic", "backend=inductor", "on_error=raise",
-                                         f"cache_dir={cache_dir}"])
+                                         "dynamic=true", "mode=fast-compile", f"cache_dir={cache_dir}"])
     rep = sd3plugin.report(pipe)
     assert rep["status"] == "compiled" and rep["fused_qkv"] is True, rep
     assert rep["compiled_modules"] == ["transformer_blocks.0", "transformer_blocks.1"]
@@ -267,10 +269,14 @@ def test_int8_dynamic_then_regional_compile(tiny_path, cache_dir, eager_latents)
                       if not n.endswith(("attn.to_k", "attn.to_v")))
     assert sorted(rep["quant"]["modules"]) == expected
     out = pipe(**tiny_call()).images
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
     assert sd3plugin.report(pipe)["status"] == "compiled"  # no fallback to eager at the first call
-    assert compare_latents(ref_q, out)["rel_error"] < COMPILED_TOL
+    assert compare_latents(ref_q[sizes[0]], out)["rel_error"] < COMPILED_TOL
     assert compare_latents(eager_latents, out)["rel_error"] < INT8_TOL
+    out2 = pipe(**tiny_call(height=sizes[1][0], width=sizes[1][1])).images
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    assert compare_latents(ref_q[sizes[1]], out2)["rel_error"] < COMPILED_TOL
 
 
 def test_seed_command_line_runs_int8(tmp_path, cache_dir):
@@ -358,3 +364,42 @@ def test_fp8_tiny_pipeline_on_gpu(tiny_path, cache_dir, name):
     err = compare_latents(ref, out)
     # fp8 e4m3 keeps 3 mantissa bits (~6e-2 per value); the random tiny model measured well below 0.1
     assert err["finite"] and 0 < err["rel_error"] < 0.1, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-layer sensitivity -> the seed's JSON form -> selection
+# ----------------------------------------------------------------------------------------------------
+
+def test_layer_sensitivity_writes_json_that_selection_reads(tmp_path):
+    from sd3plugin.quality import layer_sensitivity, random_transformer_inputs, write_submodules_json
+
+    t = _tiny_transformer()
+    inputs = random_transformer_inputs(t.config, 64, 64, text_tokens=16)
+    with torch.no_grad():
+        before = t(**inputs).sample
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_q_proj", "proj_out"]
+    metrics = layer_sensitivity(t, "int8_dynamic", inputs, names, progress=False)
+    assert list(metrics) == names and all(set(v) == {"ssim", "rel_error"} for v in metrics.values())
+    # the last block's text query feeds only the discarded text output: quantizing it changes nothing
+    assert metrics["transformer_blocks.1.attn.add_q_proj"] == {"ssim": 1.0, "rel_error": 0.0}
+    assert metrics["proj_out"]["rel_error"] > 0 and metrics["proj_out"]["ssim"] < 1
+    with torch.no_grad():
+        assert torch.equal(t(**inputs).sample, before)  # every layer restored
+    assert _quantized_names(t) == []
+    with pytest.raises(ValueError, match="not Linear layers of this transformer: pos_embed.proj"):
+        layer_sensitivity(t, "int8_dynamic", inputs, ["pos_embed.proj"], progress=False)
+    path = write_submodules_json(metrics, tmp_path / "int8.json")
+    sel, _, _ = quant.select_modules(t, _qcfg(type="int8_dynamic", submodules_config_path=path,
+                                               top_percentage=34))
+    assert sel == ["transformer_blocks.1.attn.add_q_proj"]  # the best SSIM first
+
+
+def test_sensitivity_command(tmp_path, capsys):
+    from sd3plugin.quality import main
+
+    out = tmp_path / "tiny_int8.json"
+    assert main(["sensitivity", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--height", "64",
+                 "--width", "64", "--layers", "proj_out", "transformer_blocks.0.ff.*", "--out", str(out)]) == 0
+    assert sorted(quant.load_submodules_json(out)) == ["proj_out", "transformer_blocks.0.ff.net.0.proj",
+                                                       "transformer_blocks.0.ff.net.2"]
+    assert "3 layers of tiny (random weights), quant=int8_dynamic" in capsys.readouterr().out
