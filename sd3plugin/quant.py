@@ -35,6 +35,7 @@ class QuantTechnique:
     fp8: bool = False
     needs_bfloat16: bool = False  # torchao's per-row fp8 takes bfloat16 weights only
     nexfort_quant_type: Optional[str] = None
+    default_include: tuple = ()  # fnmatch patterns of the default selection; () means DEFAULT_INCLUDE
 
 
 def _fp8_dynamic(granularity: str):
@@ -72,7 +73,8 @@ PRESETS: dict[str, QuantTechnique] = {t.name: t for t in (
                    _int8_dynamic, nexfort_quant_type="int8_dynamic"),
     QuantTechnique("fp8_e4m3_e4m3_weightonly",
                    "fp8 e4m3 weights (per channel), dequantized for a 16-bit matmul: halves weight memory",
-                   _fp8_weight_only, fp8=True, nexfort_quant_type="fp8_e4m3_e4m3_weightonly"),
+                   _fp8_weight_only, fp8=True, nexfort_quant_type="fp8_e4m3_e4m3_weightonly",
+                   default_include=("transformer_blocks.*",)),
 )}
 QUANT_TYPES = tuple(PRESETS)
 
@@ -81,6 +83,7 @@ QUANT_TYPES = tuple(PRESETS)
 # H100. Left out: the time/text embedders, context_embedder, pos_embed, the AdaLN modulation linears
 # (norm1*.linear, norm_out.linear: 2 rows per call, no speed to gain, every activation depends on them),
 # proj_out, and the text stream (add_*_proj, to_add_out, ff_context: 666 rows, 1.25x at best).
+# The weight-only preset saves memory rather than time, so by default it takes every Linear of the blocks.
 DEFAULT_INCLUDE = (
     "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
     "transformer_blocks.*.attn.to_qkv", "transformer_blocks.*.attn.to_out.0",
@@ -230,7 +233,7 @@ def select_modules(transformer, qcfg) -> tuple[list[str], dict[str, str], str]:
         base = [n for n in linears if _matches(n, include)]
         how = "include"
     else:
-        base = [n for n in linears if _matches(n, DEFAULT_INCLUDE)]
+        base = [n for n in linears if _matches(n, PRESETS[qcfg.type].default_include or DEFAULT_INCLUDE)]
         how = "default"
     for pats, key in ((include, "quant.include"), (exclude, "quant.exclude")):
         unused = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]

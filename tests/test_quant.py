@@ -169,6 +169,17 @@ def test_default_selection_leaves_out_embedders_output_and_text_stream():
     assert "embedder" in skipped["context_embedder"] and "text stream" in skipped["transformer_blocks.0.attn.add_k_proj"]
 
 
+def test_weight_only_default_takes_every_block_linear():
+    from omegaconf import OmegaConf
+
+    qcfg = OmegaConf.merge(compose(overrides=["device=cpu"]).quant, {"type": "fp8_e4m3_e4m3_weightonly"})
+    selected, skipped, _ = quant.select_modules(_tiny_transformer(), qcfg)
+    assert len(selected) == 25 and all(n.startswith("transformer_blocks.") for n in selected)
+    assert sorted(skipped) == ["context_embedder", "norm_out.linear", "proj_out",
+                               *[f"time_text_embed.{e}.linear_{i}" for e in ("text_embedder", "timestep_embedder")
+                                 for i in (1, 2)]]
+
+
 def test_default_selection_follows_fused_qkv():
     t = _tiny_transformer()
     t.fuse_qkv_projections()
@@ -359,7 +370,9 @@ def test_fp8_tiny_pipeline_on_gpu(tiny_path, cache_dir, name):
     pipe = sd3plugin.optimize(load(), overrides=[f"quant={name}", "backend=eager", "device=cuda",
                                                  "dtype=bfloat16", f"cache_dir={cache_dir}"])
     rep = sd3plugin.report(pipe)["quant"]
-    assert rep["modules"] == DEFAULT_INT8 and _quantized_names(pipe.transformer) == sorted(DEFAULT_INT8), rep
+    expected = DEFAULT_INT8 if "weightonly" not in name else \
+        [n for n in quant.linear_modules(pipe.transformer) if n.startswith("transformer_blocks.")]
+    assert rep["modules"] == expected and _quantized_names(pipe.transformer) == sorted(expected), rep
     out = pipe(**tiny_call(generator=torch.Generator("cuda").manual_seed(0))).images
     err = compare_latents(ref, out)
     # fp8 e4m3 keeps 3 mantissa bits (~6e-2 per value); the random tiny model measured well below 0.1
