@@ -1,0 +1,112 @@
+"""End to end on the tiny model (CPU): two concurrent warms, pack, clear, install, verify.
+
+One cold compile for the whole module (the first warm); everything else reuses it. The verify step
+runs in a fresh process and must compile nothing and make its first image faster than the cold run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sd3plugin.cache import activate, store
+from sd3plugin.cli.cache import main
+from sd3plugin.cli.exit_codes import EXIT
+
+pytestmark = pytest.mark.slow
+RUN = ["steps=2"]
+
+
+def _env():
+    env = dict(os.environ)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(name, None)
+    return env
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if "--json" in argv and out.strip() else None), out + err
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    """Two `warm` processes started together into one cache dir; (root, [result of each])."""
+    root = tmp_path_factory.mktemp("warm") / "cache"
+    cmd = [sys.executable, "-m", "sd3plugin.cli.cache", "warm", "--cache-dir", str(root), "--resolutions",
+           "64x64", "--json", *RUN]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out) for out, _ in outs]
+    return root, sorted(results, key=lambda r: r["lock_wait_seconds"])
+
+
+@pytest.fixture(scope="module")
+def shipped(warmed, tmp_path_factory):
+    """pack -> clear -> install into the same dir; (root, archive result, cold first-call seconds)."""
+    root, results = warmed
+    archive = tmp_path_factory.mktemp("ship") / "tiny.tar.zst"
+
+    def cli(*argv):  # module scope has no capsys: run the CLI in a subprocess
+        p = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", *argv, "--json"], capture_output=True,
+                           text=True, env=_env())
+        return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None, p.stderr
+
+    code, packed, err = cli("pack", "--cache-dir", str(root), "-o", str(archive))
+    assert code == 0, err
+    code, cleared, err = cli("clear", "--cache-dir", str(root), "--yes")
+    assert code == 0 and set(cleared["removed"]) >= {"entries", "inductor"}, err
+    assert not (root / "inductor").exists() and not (root / "entries").exists()
+    code, installed, err = cli("install", str(archive), "--cache-dir", str(root), "--expect-sha256",
+                               packed["archive_sha256"])
+    assert code == 0, err
+    return root, packed, installed, results[0]["shapes"][0]["seconds"]
+
+
+def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warmed, capsys):
+    root, (first, second) = warmed
+    assert first["ok"] and second["ok"] and first["fingerprint"] == second["fingerprint"]
+    assert first["shapes"][0]["fresh_compilations"] > 0
+    assert second["lock_wait_seconds"] > 0  # it waited for the first one's lock...
+    assert second["shapes"][0]["fresh_compilations"] == 0  # ...then compiled nothing
+    assert second["shapes"][0]["fxgraph_cache_hit"] > 0
+    code, data, _ = _cli(capsys, "ls", "--cache-dir", str(root), "--json")
+    (entry,) = data["entries"]
+    assert entry["fingerprint"] == first["fingerprint"] and entry["compatible"]
+    assert entry["shapes"] == [{"width": 64, "height": 64, "batch_size": 1, "guidance": True}]
+    blobs = list((root / "entries" / entry["fingerprint"]).glob("*.megacache"))
+    assert len(blobs) == 1 and blobs[0].stat().st_size == second["blob_bytes"]
+
+
+def test_pack_manifest_describes_the_warmed_cache(shipped):
+    root, packed, installed, _ = shipped
+    m = packed["manifest"]
+    assert m["fingerprint"] == installed["entries"][0]
+    assert m["config"]["model"] == "tiny" and m["config"]["mode"]["spec"]
+    assert m["shapes"] == [{"width": 64, "height": 64, "batch_size": 1, "guidance": True}]
+    assert m["environment"]["gpu"] == "cpu" and m["environment"]["torch"]
+    assert packed["files"] == installed["files"] > 2
+
+
+def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(shipped, capsys):
+    root, _, _, cold_seconds = shipped
+    code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", *RUN)
+    assert code == 0, text
+    assert data["fresh_compilations"] == 0 and data["fxgraph_cache_miss"] == 0
+    assert data["fxgraph_cache_hit"] > 0 and data["autograd_cache_hit"] > 0
+    assert data["cache"]["megacache_loaded"] and data["cache"]["installed_archive"]
+    assert data["first_image_seconds"] < cold_seconds, (data["first_image_seconds"], cold_seconds)
+
+
+def test_activate_loads_an_installed_cache_once_per_process(shipped):
+    root = shipped[0]
+    first = activate(root)["cache"]
+    assert len(first["megacache_loaded"]) == 1 and first["artifacts"].get("inductor", 0) > 0
+    assert activate(root)["cache"]["megacache_loaded"] == []
