@@ -416,3 +416,25 @@ def test_sensitivity_command(tmp_path, capsys):
     assert sorted(quant.load_submodules_json(out)) == ["proj_out", "transformer_blocks.0.ff.net.0.proj",
                                                        "transformer_blocks.0.ff.net.2"]
     assert "3 layers of tiny (random weights), quant=int8_dynamic" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, mode", [("fp8_e4m3_e4m3_dynamic", "max-speed"), ("int8_dynamic", "default")])
+def test_quantized_regional_compile_on_gpu(tiny_path, cache_dir, name, mode):
+    """Quantize, fuse, compile (CUDA graphs with max-speed): close to eager, no fallback."""
+    if name.startswith("fp8") and not _fp8_capable():
+        pytest.skip("needs compute capability >= 8.9")
+    load = lambda: StableDiffusion3Pipeline.from_pretrained(tiny_path, torch_dtype=torch.bfloat16).to("cuda")
+    call = lambda: tiny_call(generator=torch.Generator("cuda").manual_seed(0))
+    ref = load()(**call()).images
+    torch._dynamo.reset()
+    pipe = sd3plugin.optimize(load(), overrides=[f"quant={name}", f"mode={mode}", "backend=inductor",
+                                                 "on_error=raise", "device=cuda", f"cache_dir={cache_dir}"])
+    out = [pipe(**call()).images for _ in range(3)]  # CUDA graphs record on the first calls, replay after
+    rep = sd3plugin.report(pipe)
+    assert rep["status"] == "compiled" and rep["fused_qkv"] is True, rep
+    assert any(n.endswith("attn.to_qkv") for n in rep["quant"]["modules"])
+    for o in out:
+        err = compare_latents(ref, o)
+        assert err["finite"] and err["rel_error"] < 0.1, err
+    assert compare_latents(out[1], out[2])["rel_error"] < 1e-6  # replays are deterministic
