@@ -419,3 +419,18 @@ def test_activate_skips_blobs_from_another_torch(tmp_path):
     info = activate(root)
     assert info["cache"]["megacache_loaded"] == []
     assert "torch 1.0 (archive)" in info["cache"]["megacache_skipped"][0]["reason"]
+
+
+def test_fingerprint_follows_the_architecture_not_the_model_name(tiny_path, tmp_path):
+    from sd3plugin.cache.manifest import compile_config, fingerprint
+    from sd3plugin.config import compose
+
+    preset = compose(None, ["model=tiny"])
+    folder = compose(None, [f"model={tiny_path}"])
+    assert fingerprint(preset) == fingerprint(folder)  # warm with the preset, serve the real folder
+    assert compile_config(folder)["architecture"]["num_layers"] == 2
+    assert fingerprint(compose(None, ["model=tiny", "mode=max-autotune"])) != fingerprint(preset)
+    assert fingerprint(compose(None, ["model=tiny", "steps=3", "prompt=x"])) == fingerprint(preset)
+    assert fingerprint(compose(None, ["model=sd3-medium"])) != fingerprint(preset)
+    unknown = compose(None, [f"model={tmp_path / 'nowhere'}"])
+    assert compile_config(unknown)["architecture"] is None and compile_config(unknown)["model"].endswith("nowhere")

@@ -56,12 +56,50 @@ def _cudnn_version() -> str | None:
     return str(v) if v else None
 
 
+# Transformer config keys that shape the compiled graphs (SD3Transformer2DModel arguments).
+ARCH_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+             "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+             "out_channels", "pos_embed_max_size", "qk_norm", "dual_attention_layers")
+
+
+def architecture(model: str) -> dict | None:
+    """The transformer architecture of ``model`` (preset, local folder or Hub id in the local HF cache).
+
+    A random-weight preset and the real model of the same architecture get the same fingerprint, so a
+    cache warmed with ``model=sd3-medium`` is found when serving the real SD3-medium folder.
+    """
+    from ..models import ARCHITECTURES, _local_configs
+
+    if model in ARCHITECTURES:
+        t = ARCHITECTURES[model].transformer
+    else:
+        found = _local_configs(model)
+        t = found[0] if found else _hub_cached_config(model)
+        if t is None:
+            return None
+    arch = {k: t.get(k) for k in ARCH_KEYS}
+    arch["dual_attention_layers"] = list(arch["dual_attention_layers"] or [])
+    return arch
+
+
+def _hub_cached_config(repo_id: str) -> dict | None:
+    """``transformer/config.json`` of a Hub model if it is in the local HF cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "transformer/config.json")
+        return json.loads(open(path).read()) if isinstance(path, str) else None
+    except Exception:
+        return None
+
+
 def compile_config(cfg) -> dict:
     """The part of a composed config that determines the compiled graphs (device/dtype resolved)."""
     from ..optimize import resolve_device, resolve_dtype
 
     data = OmegaConf.to_container(cfg, resolve=True)
     out = {k: data.get(k) for k in COMPILE_KEYS}
+    out["architecture"] = architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device
     out["dtype"] = str(resolve_dtype(cfg.dtype, device)).split(".")[-1]
@@ -71,8 +109,14 @@ def compile_config(cfg) -> dict:
 
 
 def fingerprint(cfg) -> str:
-    """Short stable hash of ``compile_config(cfg)``: names the cache entry of one config."""
-    blob = json.dumps(compile_config(cfg), sort_keys=True, default=str).encode()
+    """Short stable hash of ``compile_config(cfg)``: names the cache entry of one config.
+
+    The model's architecture stands for the model when it is known (its name is then left out).
+    """
+    data = compile_config(cfg)
+    if data["architecture"] is not None:
+        data.pop("model")
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
