@@ -301,6 +301,10 @@ def test_compatibility_names_what_differs():
     assert compatibility(gpu, here, "cpu") == ([], [])  # CPU artefacts do not care about the GPU
     errors, _ = compatibility(gpu, {**here, "gpu": "NVIDIA A100", "gpu_capability": "sm_80"}, "cuda")
     assert errors == ["gpu_capability sm_90 (archive) vs sm_80 (here)"]
+    # No GPU visible (a docker build): the GPU cannot be checked here, only warned about
+    errors, warnings = compatibility({**gpu, "triton": "3.6.0"}, {**here, "gpu": "cpu", "gpu_capability": "cpu"},
+                                     "cuda")
+    assert errors == [] and "no GPU visible here" in warnings[0] and "sm_90" in warnings[0]
 
 
 # -- other failures --------------------------------------------------------------------------------------

@@ -128,8 +128,12 @@ def compatibility(recorded: dict, here: dict | None = None, device: str | None =
     """
     here = environment() if here is None else here
     errors, warnings = [], []
+    no_gpu_here = device != "cpu" and here.get("gpu_capability") == "cpu" and recorded.get("gpu_capability") != "cpu"
+    if no_gpu_here:  # e.g. a docker build: install now, `verify` on the GPU server
+        warnings.append(f"no GPU visible here: cannot check the archive's GPU {recorded.get('gpu')} "
+                        f"({recorded.get('gpu_capability')}); run `sd3plugin-cache verify` on the GPU machine")
     for key in REQUIRED_MATCH + WARN_MATCH:
-        if device == "cpu" and key in ("gpu", "gpu_capability", "cudnn", "triton"):
+        if (device == "cpu" or no_gpu_here) and key in ("gpu", "gpu_capability", "cudnn", "triton"):
             continue
         a, b = recorded.get(key), here.get(key)
         if a != b:
