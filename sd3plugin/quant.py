@@ -113,8 +113,9 @@ def check_device(name: str, device: str) -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" or not torch.cuda.is_available():
+        where = f"this run is on {device.upper()}" if device != "cuda" else "no CUDA GPU is visible to torch"
         raise ConfigError(f"quant={name} needs an NVIDIA GPU with compute capability >= 8.9 (Ada, Hopper or "
-                          f"newer) but this run is on {device.upper()}; {_fix_hint(name)}")
+                          f"newer) but {where}; {_fix_hint(name)}")
     cap = torch.cuda.get_device_capability()
     if tuple(cap) < FP8_MIN_CAPABILITY:
         gpu = torch.cuda.get_device_name()

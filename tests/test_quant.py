@@ -17,6 +17,7 @@ from sd3plugin.config import compose
 from sd3plugin.config.legacy import translate
 from sd3plugin.errors import ConfigError
 from sd3plugin.models import ARCHITECTURES
+from sd3plugin.pipeline import dtype_kwarg
 from sd3plugin.quality import compare_latents
 
 from .conftest import tiny_call
@@ -85,6 +86,8 @@ def test_fp8_on_cpu_fails_at_config_time(name):
         msg = str(err.value)
         assert f"quant={name}" in msg and "CPU" in msg and "8.9" in msg
         assert "quant=int8_dynamic" in msg and "quant=none" in msg
+    with pytest.raises(ConfigError, match="but no CUDA GPU is visible to torch; use quant=int8_dynamic"):
+        compose(overrides=[f"quant={name}", "device=cuda"])
 
 
 def _fake_gpu(monkeypatch, name, cap):
@@ -365,7 +368,7 @@ def _fp8_capable():
 def test_fp8_tiny_pipeline_on_gpu(tiny_path, cache_dir, name):
     if not _fp8_capable():
         pytest.skip("needs compute capability >= 8.9")
-    load = lambda: StableDiffusion3Pipeline.from_pretrained(tiny_path, torch_dtype=torch.bfloat16).to("cuda")
+    load = lambda: StableDiffusion3Pipeline.from_pretrained(tiny_path, **{dtype_kwarg(): torch.bfloat16}).to("cuda")
     ref = load()(**tiny_call(generator=torch.Generator("cuda").manual_seed(0))).images
     pipe = sd3plugin.optimize(load(), overrides=[f"quant={name}", "backend=eager", "device=cuda",
                                                  "dtype=bfloat16", f"cache_dir={cache_dir}"])
@@ -424,7 +427,7 @@ def test_quantized_regional_compile_on_gpu(tiny_path, cache_dir, name, mode):
     """Quantize, fuse, compile (CUDA graphs with max-speed): close to eager, no fallback."""
     if name.startswith("fp8") and not _fp8_capable():
         pytest.skip("needs compute capability >= 8.9")
-    load = lambda: StableDiffusion3Pipeline.from_pretrained(tiny_path, torch_dtype=torch.bfloat16).to("cuda")
+    load = lambda: StableDiffusion3Pipeline.from_pretrained(tiny_path, **{dtype_kwarg(): torch.bfloat16}).to("cuda")
     call = lambda: tiny_call(generator=torch.Generator("cuda").manual_seed(0))
     ref = load()(**call()).images
     torch._dynamo.reset()
