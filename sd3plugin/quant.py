@@ -330,7 +330,7 @@ def quantize(transformer, qcfg, device: str, backend: str = "inductor") -> dict:
             skipped[n] = f"kept by {library.split()[0]}: weight shape {shape} not supported"
     log.info("sd3plugin: quant=%s with %s: %d of %d linear layers quantized (%s selection)",
              qcfg.type, library, len(done), len(linears), how)
-    return {"type": qcfg.type, "library": library, "selection": how, "modules": done,
+    return {"type": qcfg.type, "description": tech.description, "library": library, "selection": how, "modules": done,
             "skipped": dict(sorted(skipped.items())), "num_linear": len(linears)}
 
 
