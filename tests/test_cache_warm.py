@@ -50,7 +50,8 @@ def warmed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped(warmed, tmp_path_factory):
-    """pack -> clear -> install into the same dir; (root, archive result, cold first-call seconds)."""
+    """pack -> clear -> install into an empty dir elsewhere; (target, pack result, install result,
+    seconds of the cold first call)."""
     root, results = warmed
     archive = tmp_path_factory.mktemp("ship") / "tiny.tar.zst"
 
@@ -64,10 +65,12 @@ def shipped(warmed, tmp_path_factory):
     code, cleared, err = cli("clear", "--cache-dir", str(root), "--yes")
     assert code == 0 and set(cleared["removed"]) >= {"entries", "inductor"}, err
     assert not (root / "inductor").exists() and not (root / "entries").exists()
-    code, installed, err = cli("install", str(archive), "--cache-dir", str(root), "--expect-sha256",
+    # Install at another path, as on another machine: the cache must not depend on where it was warmed.
+    target = tmp_path_factory.mktemp("serve") / "cache"
+    code, installed, err = cli("install", str(archive), "--cache-dir", str(target), "--expect-sha256",
                                packed["archive_sha256"])
     assert code == 0, err
-    return root, packed, installed, results[0]["shapes"][0]["seconds"]
+    return target, packed, installed, results[0]["shapes"][0]["seconds"]
 
 
 def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warmed, capsys):
