@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config.modes import inductor_options
-from . import register_backend
+from . import cudagraph, register_backend
 from .base import Backend, CompilePlan, transformer_blocks
 
 MIN_TORCH = (2, 3)
@@ -27,16 +27,31 @@ class InductorBackend(Backend):
         return True, f"torch {torch.__version__}"
 
     def options(self, plan: CompilePlan) -> dict:
-        return {**inductor_options(plan.tokens, plan.device), **plan.options}
+        opts = {**inductor_options(plan.tokens, plan.device), **plan.options}
+        # The cudagraphs token captures the whole transformer step (cudagraph.py) instead of inductor's
+        # per-graph CUDA graph trees, which break on regionally compiled blocks.
+        opts.pop("triton.cudagraphs", None)
+        return opts
+
+    def whole_step_graphs(self, plan: CompilePlan) -> bool:
+        return plan.device == "cuda" and "cudagraphs" in plan.tokens and \
+            not plan.options.get("triton.cudagraphs", False)
 
     def compile(self, transformer, plan: CompilePlan) -> dict:
         opts = self.options(plan)
+        if plan.options.get("triton.cudagraphs"):
+            opts["triton.cudagraphs"] = True  # asked for explicitly in backend_options: inductor's own
         names = []
         for i, block in enumerate(transformer_blocks(transformer)):
             block.compile(backend="inductor", options=dict(opts), dynamic=True if plan.dynamic else False)
             names.append(f"transformer_blocks.{i}")
-        return {"compiled_modules": names, "inductor_options": opts, "strategy": "regional"}
+        info = {"compiled_modules": names, "inductor_options": opts, "strategy": "regional"}
+        if self.whole_step_graphs(plan):
+            cudagraph.install(transformer)
+            info["cuda_graphs"] = "whole transformer step, one graph per input shape"
+        return info
 
     def undo(self, transformer) -> None:
+        cudagraph.uninstall(transformer)
         for block in transformer_blocks(transformer):
             block._compiled_call_impl = None

@@ -40,7 +40,8 @@ TOKENS: dict[str, Token] = {t.name: t for t in [
           nexfort_note="low-precision kernels and reductions"),
     Token("cudagraphs", "capture CUDA graphs to remove launch overhead",
           cuda_inductor={"triton.cudagraphs": True},
-          inductor_note="triton.cudagraphs (CUDA graph trees); ignored on CPU",
+          inductor_note="one CUDA graph of the whole transformer step per input shape, captured after two "
+                        "warm-up calls (inductor's per-block graph trees fail on regional compile); ignored on CPU",
           nexfort_note="CUDA graphs"),
     Token("cache-all", "turn on every compile cache",
           inductor={"fx_graph_cache": True, "autotune_local_cache": True},

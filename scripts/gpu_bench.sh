@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Reruns every GPU measurement of docs/benchmarks/ (H100, SD3 architectures with random weights).
+#
+#   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
+#   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
+#
+# Sections: env | speed | modes | dynamic | sd35 | cache | quant   (all: every one, in that order).
+# Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
+# $OUT/<section>/ and are copied to docs/benchmarks/<section>/ by hand after review.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+export SD3PLUGIN_CACHE_DIR=${SD3PLUGIN_CACHE_DIR:-/root/sd3cache}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c 'import sd3plugin.conf' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+BENCH="python3 -m sd3plugin.bench"
+COMMON="model=sd3-medium steps=28 guidance_scale=7.0 bench.repeat=3"
+
+run() {  # run NAME ARGS...: one bench run into $OUT/NAME, log beside it
+  local name=$1; shift
+  local work=${WORK:-/tmp/sd3bench}/$name
+  mkdir -p "$OUT/$name" "$work"
+  echo "=== $name: $BENCH $*" | tee "$OUT/$name/command.txt"
+  local t0=$SECONDS
+  # From /tmp: the repository's own sd3plugin/ (without conf/) must not shadow the installed package.
+  (cd /tmp && $BENCH "$@" output_dir="$work" hydra.run.dir="$work/hydra") > "$OUT/$name/log.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - t0)) s"
+  cp "$work"/bench.json "$work"/bench.md "$work"/bench.png "$OUT/$name/" 2>/dev/null
+  [ -f "$OUT/$name/bench.md" ] && sed -n '/^| variant/,/^$/p' "$OUT/$name/bench.md"
+  [ $rc -ne 0 ] && tail -20 "$OUT/$name/log.txt"
+  return $rc
+}
+
+section() {
+  case $1 in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+      python3 -c 'import torch, triton, diffusers; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), triton.__version__, diffusers.__version__)'
+      ;;
+    speed)  # eager against the mode presets at 1024x1024 (compile caches cold per variant)
+      run speed $COMMON bench.cache_warmup=false \
+        "bench.variants='none=mode=none; default=mode=default; cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs; max-autotune=mode=max-autotune'"
+      ;;
+    modes)
+      run modes $COMMON bench.cache_warmup=false \
+        "bench.variants='max-speed=mode=max-speed; O3=mode=O3'"
+      ;;
+    dynamic)  # the seed's --run_multiple_resolutions with dynamic=true (7 x 7 shapes)
+      run dynamic $COMMON bench.eager=false bench.cache_warmup=false bench.quality=false \
+        --compiler-config '{"mode": "max-optimize:low-precision", "memory_format": "channels_last", "dynamic": true}' \
+        --run_multiple_resolutions 1
+      ;;
+    sd35)
+      run sd35 model=sd3.5-medium steps=28 bench.repeat=3 bench.cache_warmup=false \
+        "bench.variants='default=mode=default; cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs'"
+      ;;
+    cache)  # cold first image vs warm start from a shipped cache, in fresh processes
+      run cache $COMMON bench.eager=false bench.cold_process=true bench.quality=false \
+        "bench.variants='default=mode=default'"
+      ;;
+    quant)
+      run quant $COMMON num_images=2 bench.cache_warmup=false \
+        "bench.variants='fp8=mode=max-autotune quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-autotune quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=default quant=int8_dynamic'"
+      ;;
+    *) echo "unknown section $1 (env speed modes dynamic sd35 cache quant all)"; return 2 ;;
+  esac
+}
+
+[ $# -eq 0 ] && set -- all
+[ "$1" = all ] && set -- env speed modes dynamic sd35 cache quant
+status=0
+for s in "$@"; do section "$s" || status=1; done
+exit $status
