@@ -21,6 +21,7 @@ NEXFORT_VERSION = "0.1.dev330"
 NEXFORT_TORCH = "2.4.0"
 NEXFORT_TRITON = "3.0.0"
 LICENCE_ENV = "SILICON_ONEDIFF_LICENSE_KEY"
+DISABLE_ENV = "SD3PLUGIN_DISABLE_NEXFORT"  # =1: treat nexfort as not usable (backend=auto picks inductor)
 # Importing these without a licence key starts a thread that ends the process (exit code 255).
 LICENSED_NEXFORT_MODULES = ("nexfort.nn.modules", "nexfort.nn.attention_processor",
                             "nexfort.compilers.register_diffusers")
@@ -182,6 +183,8 @@ def licensed_modules_loaded() -> list[str]:
 
 def nexfort_static_check() -> tuple[bool, str]:
     """Versions and layout, without importing nexfort: (ok, reason)."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return False, f"nexfort is switched off by {DISABLE_ENV}=1"
     nexfort = dist_version("nexfort")
     if nexfort is None:
         return False, f"nexfort is not installed ({INSTALL_HINT})"

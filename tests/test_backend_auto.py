@@ -45,7 +45,11 @@ def test_report_and_log_carry_the_choice_once(tiny_path, cache_dir, caplog):
     ({"nexfort": "0.1.dev330", "triton": "3.0.0"}, "needs torch 2.4.0 exactly"),
 ])
 def test_reasons_name_the_problem_and_the_fix(monkeypatch, versions, expected):
+    import torch
+
     real = environment.dist_version
+    monkeypatch.delenv(environment.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
     monkeypatch.setattr(environment, "dist_version", lambda name: versions.get(name, real(name)))
     ok, reason = environment.nexfort_static_check()
     assert not ok and expected in reason and "scripts/nexfort-env.sh" in reason
@@ -55,11 +59,17 @@ def test_wrong_triton_is_named(monkeypatch):
     import torch
 
     real = environment.dist_version
+    monkeypatch.delenv(environment.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch, "__version__", "2.4.0+cu121")
     monkeypatch.setattr(environment, "dist_version",
                         lambda name: {"nexfort": "0.1.dev330", "triton": "3.1.0"}.get(name, real(name)))
     ok, reason = environment.nexfort_static_check()
     assert not ok and "needs triton 3.0.0, this has triton 3.1.0" in reason
+
+
+def test_disable_switch_makes_auto_skip_nexfort(monkeypatch):
+    monkeypatch.setenv(environment.DISABLE_ENV, "1")
+    assert environment.nexfort_static_check() == (False, "nexfort is switched off by SD3PLUGIN_DISABLE_NEXFORT=1")
 
 
 def test_requested_nexfort_raises_or_falls_back_with_the_reason(tiny_path, cache_dir):
