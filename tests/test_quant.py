@@ -18,7 +18,7 @@ from sd3plugin.config.legacy import translate
 from sd3plugin.errors import ConfigError
 from sd3plugin.models import ARCHITECTURES
 from sd3plugin.pipeline import dtype_kwarg
-from sd3plugin.quality import compare_latents
+from sd3plugin.quality import compare_latents, random_transformer_inputs
 
 from .conftest import tiny_call
 
@@ -181,6 +181,24 @@ def test_weight_only_default_takes_every_block_linear():
     assert sorted(skipped) == ["context_embedder", "norm_out.linear", "proj_out",
                                *[f"time_text_embed.{e}.linear_{i}" for e in ("text_embedder", "timestep_embedder")
                                  for i in (1, 2)]]
+
+
+def test_weight_only_fp8_applies_on_cpu_when_device_check_is_bypassed(monkeypatch):
+    """The fp8 weight-only path itself (torchao dequantizes on CPU): what the GPU run will quantize."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(quant, "check_device", lambda name, device: None)
+    t = _tiny_transformer().to(torch.bfloat16)
+    inputs = random_transformer_inputs(t.config, 64, 64, text_tokens=16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = t(**inputs).sample
+    qcfg = OmegaConf.merge(compose(overrides=["device=cpu"]).quant, {"type": "fp8_e4m3_e4m3_weightonly"})
+    rep = quant.quantize(t, qcfg, "cpu")
+    assert len(rep["modules"]) == 25 and _quantized_names(t) == sorted(rep["modules"])
+    assert {type(t.get_submodule(n).weight).__name__ for n in rep["modules"]} == {"Float8Tensor"}
+    with torch.no_grad():
+        err = compare_latents(ref, t(**inputs).sample)
+    assert 0 < err["rel_error"] < 0.1, err  # e4m3 keeps 3 mantissa bits; measured 4.7e-3
 
 
 def test_default_selection_follows_fused_qkv():
@@ -387,7 +405,7 @@ def test_fp8_tiny_pipeline_on_gpu(tiny_path, cache_dir, name):
 # ----------------------------------------------------------------------------------------------------
 
 def test_layer_sensitivity_writes_json_that_selection_reads(tmp_path):
-    from sd3plugin.quality import layer_sensitivity, random_transformer_inputs, write_submodules_json
+    from sd3plugin.quality import layer_sensitivity, write_submodules_json
 
     t = _tiny_transformer()
     inputs = random_transformer_inputs(t.config, 64, 64, text_tokens=16)
