@@ -46,6 +46,14 @@ _T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_gated_act=True,
                dense_act_fn="gelu_new")
 
+_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
+                 up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
+                 norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                 scaling_factor=1.5305, shift_factor=0.0609)
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=32, max_position_embeddings=77, hidden_act="gelu")
+_TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "tiny": Architecture(
         name="tiny",
@@ -53,15 +61,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                          num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
                          pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
-                 up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
-                 norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-                 scaling_factor=1.5305, shift_factor=0.0609),
-        clip_l=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                    projection_dim=32, max_position_embeddings=77, hidden_act="gelu"),
-        clip_g=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                    projection_dim=32, max_position_embeddings=77, hidden_act="gelu"),
-        t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+        vae=_TINY_VAE, clip_l=_TINY_CLIP, clip_g=_TINY_CLIP, t5=_TINY_T5,
+    ),
+    "tiny-sd3.5": Architecture(
+        name="tiny-sd3.5",
+        description="the tiny pipeline with SD3.5's RMS qk-norm and MMDiT-X dual attention (CPU tests)",
+        transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64,
+                         qk_norm="rms_norm", dual_attention_layers=[0]),
+        vae=_TINY_VAE, clip_l=_TINY_CLIP, clip_g=_TINY_CLIP, t5=_TINY_T5,
     ),
     "sd3-medium": Architecture(
         name="sd3-medium",
@@ -171,7 +180,7 @@ def build_random_pipeline(arch: str, dtype=None, device: str = "cpu", seed: int 
 
     a = architecture(arch)
     torch.manual_seed(seed)
-    tiny = a.name == "tiny"
+    tiny = a.name.startswith("tiny")
     bv = _byte_vocab()
     clip_vocab = len(bv) if tiny else 49408  # real vocab sizes keep the parameter counts real
     t5_vocab = len(_t5_vocab()) if tiny else 32128

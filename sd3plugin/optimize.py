@@ -62,32 +62,38 @@ def _memory_format(name: str):
     return {"channels_last": torch.channels_last, "contiguous_format": torch.contiguous_format}.get(name)
 
 
-class _CompiledForward:
-    """Wraps the transformer's forward: on a compile failure, undo compilation and run eagerly."""
+class _CompiledCall:
+    """Wraps a method of a module holding compiled parts (the transformer's ``forward``, the VAE's
+    ``decode``): on a compile failure, undo the compilation, run eagerly, and report it (or raise)."""
 
-    def __init__(self, transformer, backend, report: dict, on_error: str):
-        self.transformer, self.backend, self.report, self.on_error = transformer, backend, report, on_error
+    def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str):
+        self.owner, self.method, self.undo, self.report = owner, method, undo, report
+        self.on_error, self.what = on_error, what
         self.active = True
 
     def __call__(self, *args, **kwargs):
-        fwd = type(self.transformer).forward
+        fn = getattr(type(self.owner), self.method)
         if not self.active:
-            return fwd(self.transformer, *args, **kwargs)
+            return fn(self.owner, *args, **kwargs)
         try:
-            return fwd(self.transformer, *args, **kwargs)
+            return fn(self.owner, *args, **kwargs)
         except Exception as exc:  # compile failures surface at the first call
-            self.backend.undo(self.transformer)
+            self.undo()
             self.active = False
             try:
-                out = fwd(self.transformer, *args, **kwargs)
+                out = fn(self.owner, *args, **kwargs)
             except Exception:
                 raise exc from None  # the eager module fails too: not a compile problem
             if self.on_error == "raise":
-                raise CompileError(f"{self.backend.name} compilation failed at the first call: "
+                raise CompileError(f"{self.what} compilation failed at the first call: "
                                    f"{type(exc).__name__}: {_first_line(exc)}; use on_error=fallback to "
                                    "run eagerly instead, or backend=eager") from exc
-            _record_fallback(self.report, exc, "first call")
+            _record_fallback(self.report, exc, "first call", self.what)
             return out
+
+    def remove(self) -> None:
+        self.undo()
+        self.owner.__dict__.pop(self.method, None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,11 +106,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(root).__name__}: {line}" if root is not exc else line or type(exc).__name__
 
 
-def _record_fallback(report: dict, exc: BaseException, when: str) -> None:
+def _record_fallback(report: dict, exc: BaseException, when: str, what: str | None = None) -> None:
+    what = what or report["backend"]
     report["status"] = "fallback"
     report["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
-    report["compiled_modules"] = []
-    msg = (f"sd3plugin: {report['backend']} compilation failed ({when}): {report['error']}; "
+    report["compiled_modules"] = [m for m in report["compiled_modules"] if not m.startswith(
+        "vae" if what == "vae" else "transformer")]
+    msg = (f"sd3plugin: {what} compilation failed ({when}): {report['error']}; "
            "running eagerly (on_error=fallback)")
     log.warning(msg)
 
@@ -176,20 +184,38 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         report.update(info)
         if info.get("compiled_modules"):
             report["status"] = "compiled"
-            transformer.forward = _CompiledForward(transformer, backend, report, cfg.on_error)
+            transformer.forward = _CompiledCall(transformer, "forward", lambda: backend.undo(transformer),
+                                                report, cfg.on_error, backend.name)
+            if cfg.compile_vae and vae is not None and backend.name == "inductor":
+                _compile_vae_decoder(vae, backend, plan, report, cfg.on_error)
     report["setup_seconds"] = round(time.perf_counter() - started, 3)
     report["global_settings"] = GLOBAL_SETTINGS.changed()
     _attach(target, transformer, report)
     return target
 
 
+def _compile_vae_decoder(vae, backend, plan, report: dict, on_error: str) -> None:
+    """compile_vae=true: compile the VAE decoder too (end-to-end time); same fallback rules."""
+    decoder = vae.decoder
+    decoder.compile(backend="inductor", options=backend.options(plan), dynamic=True if plan.dynamic else False)
+    vae.decode = _CompiledCall(vae, "decode", lambda: setattr(decoder, "_compiled_call_impl", None),
+                               report, on_error, "vae")
+    report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
+
+
 def _fuse_qkv(transformer) -> bool:
+    """Fuse Q/K/V projections where diffusers' fused processor is exact: it applies no q/k norm, so
+    SD3.5 transformers (``qk_norm="rms_norm"``) keep their unfused processors."""
+    if getattr(transformer.config, "qk_norm", None):
+        log.info("sd3plugin: fuse_qkv skipped: diffusers' fused joint processor ignores qk_norm=%s",
+                 transformer.config.qk_norm)
+        return False
     try:
         transformer.fuse_qkv_projections()
-        return True
     except Exception as exc:  # older diffusers / custom attention processors
         log.info("sd3plugin: fuse_qkv_projections not applied: %s", exc)
         return False
+    return True
 
 
 def _attach(target, transformer, report: dict) -> None:
@@ -210,9 +236,10 @@ def undo(pipe_or_transformer) -> None:
     """Remove sd3plugin's compilation from a pipeline/transformer (quantization stays)."""
     transformer = pipe_or_transformer if is_sd3_transformer(pipe_or_transformer) else \
         getattr(pipe_or_transformer, "transformer", None)
-    fwd = transformer.__dict__.pop("forward", None) if transformer is not None else None
-    if isinstance(fwd, _CompiledForward):
-        fwd.backend.undo(transformer)
+    for owner, method in ((transformer, "forward"), (getattr(pipe_or_transformer, "vae", None), "decode")):
+        call = owner.__dict__.get(method) if owner is not None else None
+        if isinstance(call, _CompiledCall):
+            call.remove()
     for obj in (pipe_or_transformer, transformer):
         if obj is not None and REPORT_ATTR in obj.__dict__:
             delattr(obj, REPORT_ATTR)

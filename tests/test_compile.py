@@ -161,3 +161,23 @@ def test_unavailable_backend(tiny_path):
 def test_optimize_rejects_non_sd3():
     with pytest.raises(sd3plugin.ConfigError, match="expects an SD3 pipeline"):
         sd3plugin.optimize(torch.nn.Linear(2, 2))
+
+
+def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
+    """SD3.5 transformers (RMS qk-norm, dual attention) compile regionally too; compile_vae=true compiles
+    the VAE decoder. Outputs match eager within RTOL."""
+    from sd3plugin.models import save_random_pipeline
+
+    path = save_random_pipeline("tiny-sd3.5", tmp_path / "tiny35")
+    ref = StableDiffusion3Pipeline.from_pretrained(path)(**tiny_call(output_type="pt", num_inference_steps=2)).images
+    torch._dynamo.reset()
+    pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(path),
+                              overrides=["compile_vae=true", "mode=fast-compile", f"cache_dir={cache_dir}"])
+    rep = sd3plugin.report(pipe)
+    assert rep["compiled_modules"] == ["transformer_blocks.0", "transformer_blocks.1", "vae.decoder"]
+    assert pipe.transformer.transformer_blocks[0].attn2 is not None  # dual attention block
+    assert rep["fused_qkv"] is False  # diffusers' fused processor would drop the RMS q/k norm
+    out = pipe(**tiny_call(output_type="pt", num_inference_steps=2)).images
+    assert _rel_err(out, ref) < RTOL
+    sd3plugin.undo(pipe)
+    assert "decode" not in pipe.vae.__dict__ and pipe.vae.decoder._compiled_call_impl is None
