@@ -17,13 +17,25 @@ log = logging.getLogger("sd3plugin")
 _LOADED: dict[str, tuple[int, int]] = {}  # blob path -> (size, mtime_ns) already loaded in this process
 
 
+def available() -> bool:
+    """Whether this torch has the Mega-Cache API (torch >= 2.7; the nexfort stack's torch 2.4 has not)."""
+    import torch
+
+    return hasattr(torch.compiler, "save_cache_artifacts") and hasattr(torch.compiler, "load_cache_artifacts")
+
+
 def load_entries(root: str | Path) -> dict:
     """Hot-load the Mega-Cache blobs under ``root/entries`` not loaded yet; report what happened."""
     entries = store.list_entries(root)
     result = {"loaded": [], "skipped": [], "artifacts": {}, "seconds": 0.0}
-    if not entries:
+    if not entries or not any(e.get("blobs") for e in entries):
         return result
     import torch
+
+    if not available():
+        result["skipped"].append({"blob": str(root), "reason": f"torch {torch.__version__} has no Mega-Cache "
+                                  "(torch.compiler.load_cache_artifacts); the inductor folder still serves"})
+        return result
 
     here = environment()
     started = time.perf_counter()
@@ -55,9 +67,12 @@ def load_entries(root: str | Path) -> dict:
 
 
 def save_artifacts() -> tuple[bytes, dict] | None:
-    """This process's compiled artefacts as one Mega-Cache blob, and their counts by kind."""
+    """This process's compiled artefacts as one Mega-Cache blob, and their counts by kind (None when
+    nothing was recorded or torch has no Mega-Cache)."""
     import torch
 
+    if not available():
+        return None
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return None

@@ -93,18 +93,23 @@ def find_entries(root: str | Path, prefix: str) -> list[dict]:
 
 
 def add_blob(root: Path, fp: str, config: dict, composed: dict, env: dict, shapes: list[dict],
-             blob: bytes, artifacts: dict, seconds: list) -> Path:
-    """Store one warm run's Mega-Cache blob in the entry of ``fp`` (call with the cache lock held)."""
+             blob: bytes | None, artifacts: dict, seconds: list) -> Path:
+    """Record one warm run in the entry of ``fp`` with its Mega-Cache blob (None: torch has no
+    Mega-Cache, the inductor folder alone carries the cache). Call with the cache lock held."""
     d = entry_dir(root, fp)
     name = f"{shape_key(shapes)}{BLOB_SUFFIX}"
-    atomic_write(d / name, blob)
+    if blob is not None:
+        atomic_write(d / name, blob)
     meta = read_json(d / ENTRY_FILE) or {"fingerprint": fp, "config": config, "created": _now(),
                                            "shapes": [], "blobs": {}}
     for s in shapes:
         if s not in meta["shapes"]:
             meta["shapes"].append(s)
-    meta["blobs"][name] = {"shapes": shapes, "artifacts": artifacts, "warm_seconds": seconds,
-                           "size_bytes": len(blob), "created": _now()}
+    if blob is not None:
+        meta["blobs"][name] = {"shapes": shapes, "artifacts": artifacts, "warm_seconds": seconds,
+                               "size_bytes": len(blob), "created": _now()}
+    else:
+        meta.setdefault("runs_without_megacache", []).append({"shapes": shapes, "warm_seconds": seconds})
     meta["environment"] = env
     meta["composed_config"] = composed
     meta["updated"] = _now()

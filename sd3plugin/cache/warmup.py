@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from ..config import parse_mode
 from ..errors import ConfigError
-from . import store
+from . import megacache, store
 from .errors import CacheError
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compile_config, environment, fingerprint
@@ -97,14 +97,15 @@ def warm(cfg, shapes: list[dict], steps: int = 2, lock_timeout: float = DEFAULT_
     with cache_lock(root, lock_timeout, "warm"):
         waited = time.perf_counter() - started
         per_shape, rep, saved = _compile_shapes(cfg, shapes, steps, progress)
-        if saved is None:
+        compiled = sum(s["fresh_compilations"] + s["fxgraph_cache_hit"] for s in per_shape)
+        if saved is None and (megacache.available() or not compiled):
             raise CacheError(f"nothing was compiled for {cfg.model} (backend {rep.get('backend')}: "
                              f"{rep.get('backend_reason')}); nothing to store")
-        blob, counts = saved
+        blob, counts = saved if saved is not None else (None, {})
         path = store.add_blob(root, fp, compile_config(cfg), OmegaConf.to_container(cfg, resolve=True),
                               environment(), shapes, blob, counts, per_shape)
     return {"ok": True, "cache_dir": str(root), "fingerprint": fp, "entry": str(path.parent),
-            "blob": path.name, "blob_bytes": len(blob), "artifacts": counts, "shapes": per_shape,
+            "blob": path.name if blob is not None else None, "blob_bytes": len(blob or b""), "artifacts": counts, "shapes": per_shape,
             "lock_wait_seconds": round(waited, 3), "seconds": round(time.perf_counter() - started, 3),
             "backend": rep.get("backend"), "mode": rep.get("mode", {}).get("spec"),
             "cache": rep.get("cache")}
