@@ -2,7 +2,7 @@
 
 Reports python/torch/triton/CUDA/cuDNN/diffusers/onediff/nexfort versions, the GPU (compute capability,
 fp8), which backends are usable (and why not), the cache dir and its size, and nexfort's misplaced
-extension modules (onediff#1189). ``--fix`` moves those into place (idempotent).
+extension modules (onediff#1189). ``--fix`` copies them where nexfort imports them from (idempotent).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_parser(subparsers):
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object (for machines)")
     p.add_argument("--fix", action="store_true",
-                   help="move nexfort's misplaced extension modules into nexfort/inductor/codegen/")
+                   help="copy nexfort's misplaced extension modules into nexfort/inductor/codegen/")
     return p
 
 
@@ -50,7 +50,7 @@ def render(rep: dict) -> str:
     lines.append(f"cache dir: {cache['dir']} ({_human_size(cache['size_bytes']) if cache['exists'] else 'not created yet'})")
     misplaced = rep["nexfort_layout"]["misplaced"]
     if misplaced:
-        lines.append(f"nexfort layout: {len(misplaced)} extension module(s) misplaced (onediff#1189): "
+        lines.append(f"nexfort layout: {len(misplaced)} extension module(s) missing (onediff#1189): "
                      f"{', '.join(misplaced)}; run `sd3plugin-cache doctor --fix`")
     elif rep["nexfort_layout"]["target"]:
         lines.append("nexfort layout: ok")

@@ -5,11 +5,13 @@ the nexfort modules that end the process without a licence (see ``LICENSED_NEXFO
 """
 from __future__ import annotations
 
+import filecmp
 import functools
 import importlib
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -79,11 +81,14 @@ def gpu_info() -> dict:
 
 
 # -- nexfort's misplaced extension modules ------------------------------------------------------------
+# nexfort needs each codegen module in two places: nexfort/inductor/codegen/ (its inductor codegen) and
+# the top of site-packages (`import nexfort_codegen_extension` in nexfort/kernels/). The wheel installs
+# only the second, so the fix copies; it also restores a top-level copy that someone moved away.
 
 @dataclass(frozen=True)
 class MisplacedModule:
-    source: Path   # where the wheel put it (top of site-packages)
-    target: Path   # where nexfort imports it from
+    source: Path   # the copy that exists
+    target: Path   # where nexfort also imports it from, missing or different
 
 
 def nexfort_distribution(paths: list[str] | None = None):
@@ -97,17 +102,26 @@ def _is_codegen_module(filename: str) -> bool:
     return filename.split(".")[0] in NEXFORT_CODEGEN_MODULES and filename.endswith((".so", ".pyd"))
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return b.is_file() and a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+
+
 def misplaced_nexfort_modules(dist=None) -> list[MisplacedModule]:
-    """nexfort's codegen extension modules lying at the top of site-packages (empty: layout is fine)."""
+    """nexfort's codegen extension modules missing from one of the two places it imports them from."""
     dist = dist if dist is not None else nexfort_distribution()
     if dist is None:
         return []
     site = Path(dist.locate_file(""))
-    target_dir = site.joinpath(*NEXFORT_CODEGEN_PACKAGE)
+    codegen = site.joinpath(*NEXFORT_CODEGEN_PACKAGE)
+    names = sorted({rel.name for rel in dist.files or [] if _is_codegen_module(rel.name)
+                    and (len(rel.parts) == 1 or tuple(rel.parts[:-1]) == NEXFORT_CODEGEN_PACKAGE)})
     found = []
-    for rel in dist.files or []:
-        if len(rel.parts) == 1 and _is_codegen_module(rel.name) and (site / rel.name).exists():
-            found.append(MisplacedModule(site / rel.name, target_dir / rel.name))
+    for name in names:
+        top, inner = site / name, codegen / name
+        if top.is_file() and not _same_file(top, inner):
+            found.append(MisplacedModule(top, inner))
+        elif inner.is_file() and not top.is_file():
+            found.append(MisplacedModule(inner, top))
     return found
 
 
@@ -122,56 +136,59 @@ def _writable(path: Path) -> bool:
     return True
 
 
-def _rewrite_record(dist, moved: list[MisplacedModule], init_rel: str | None) -> None:
-    """Point the RECORD entries of moved files at their new place, so `pip uninstall` removes them."""
+def _add_to_record(dist, copied: list[MisplacedModule], init_rel: str | None) -> None:
+    """List the copies in nexfort's RECORD (same hash and size), so `pip uninstall` removes them too."""
     records = [f for f in dist.files or [] if f.name == "RECORD" and f.parent.name.endswith(".dist-info")]
     if not records:
         return
     record = Path(dist.locate_file(records[0]))
     site = Path(dist.locate_file(""))
-    renames = {m.source.relative_to(site).as_posix(): m.target.relative_to(site).as_posix() for m in moved}
-    lines = []
-    for line in record.read_text().splitlines():
-        path, sep, rest = line.partition(",")
-        lines.append(renames.get(path, path) + sep + rest)
-    if init_rel and not any(ln.startswith(init_rel + ",") for ln in lines):
+    lines = record.read_text().splitlines()
+    by_path = {ln.partition(",")[0]: ln.partition(",")[2] for ln in lines}
+    for m in copied:
+        src, dst = m.source.relative_to(site).as_posix(), m.target.relative_to(site).as_posix()
+        if dst not in by_path:
+            lines.append(f"{dst},{by_path.get(src, ',')}")
+    if init_rel and init_rel not in by_path:
         lines.append(f"{init_rel},,")
-    tmp = record.with_suffix(".sd3plugin-tmp")
+    tmp = record.with_name(record.name + ".sd3plugin-tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, record)
 
 
 def fix_nexfort_layout(dist=None) -> list[str]:
-    """Move nexfort's misplaced extension modules into nexfort/inductor/codegen/ (idempotent).
+    """Copy nexfort's codegen extension modules to where they are missing (idempotent).
 
     Returns one line per action taken (empty: nothing to do). Raises LayoutFixError, before changing
-    anything, when the site-packages folder cannot be written.
+    anything, when a folder it must write to is not writable.
     """
     dist = dist if dist is not None else nexfort_distribution()
     misplaced = misplaced_nexfort_modules(dist)
     if not misplaced:
         return []
     site = Path(dist.locate_file(""))
-    target_dir = misplaced[0].target.parent
-    probe = target_dir if target_dir.is_dir() else site
-    for folder in {site, probe}:
+    codegen = site.joinpath(*NEXFORT_CODEGEN_PACKAGE)
+    folders = {m.target.parent if m.target.parent.is_dir() else site for m in misplaced} | {site}
+    for folder in sorted(folders):
         if not _writable(folder):
             raise LayoutFixError(
                 f"cannot repair nexfort's layout: {folder} is not writable by this user; run "
                 f"`sd3plugin-cache doctor --fix` as the owner of that Python environment (or with sudo), "
-                f"or move {', '.join(m.source.name for m in misplaced)} into {target_dir}/ yourself")
+                f"or copy {', '.join(m.source.name for m in misplaced)} to {codegen}/ yourself")
     actions = []
-    target_dir.mkdir(parents=True, exist_ok=True)
-    init = target_dir / "__init__.py"
+    codegen.mkdir(parents=True, exist_ok=True)
+    init = codegen / "__init__.py"
     init_rel = None
     if not init.exists():
         init.write_text("# created by sd3plugin-cache doctor --fix (nexfort wheel layout, onediff#1189)\n")
         init_rel = init.relative_to(site).as_posix()
         actions.append(f"created {init}")
     for m in misplaced:
-        os.replace(m.source, m.target)  # same folder tree: an atomic rename
-        actions.append(f"moved {m.source} -> {m.target}")
-    _rewrite_record(dist, misplaced, init_rel)
+        tmp = m.target.with_name(m.target.name + ".sd3plugin-tmp")
+        shutil.copy2(m.source, tmp)
+        os.replace(tmp, m.target)  # never a half-written extension module
+        actions.append(f"copied {m.source} -> {m.target}")
+    _add_to_record(dist, misplaced, init_rel)
     return actions
 
 
@@ -203,7 +220,7 @@ def nexfort_static_check() -> tuple[bool, str]:
     misplaced = misplaced_nexfort_modules()
     if misplaced:
         return False, (f"nexfort's extension modules {', '.join(m.source.name.split('.')[0] for m in misplaced)} "
-                       f"lie at the top of site-packages (onediff#1189); {FIX_HINT}")
+                       f"are missing from {misplaced[0].target.parent} (onediff#1189); {FIX_HINT}")
     return True, f"nexfort {nexfort}, torch {torch.__version__}, triton {triton_v}"
 
 
@@ -265,7 +282,7 @@ def report(cfg) -> dict:
         "backends": backends_usable(plan),
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
                   "size_bytes": directory_size(cache) if cache.is_dir() else 0},
-        "nexfort_layout": {"misplaced": [str(m.source) for m in misplaced_nexfort_modules()],
+        "nexfort_layout": {"misplaced": [str(m.target) for m in misplaced_nexfort_modules()],
                            "target": _codegen_target()},
         "licence_key_set": bool(os.environ.get(LICENCE_ENV)),
     }

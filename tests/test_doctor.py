@@ -35,24 +35,31 @@ def fake_nexfort(tmp_path, monkeypatch):
 
 def test_detects_and_fixes_misplaced_modules_idempotently(fake_nexfort):
     site = fake_nexfort
+    codegen = site / "nexfort" / "inductor" / "codegen"
     found = environment.misplaced_nexfort_modules()
     assert sorted(m.source.name for m in found) == sorted(MODULES)
-    assert all(m.target.parent == site / "nexfort" / "inductor" / "codegen" for m in found)
+    assert all(m.source.parent == site and m.target.parent == codegen for m in found)
 
     actions = environment.fix_nexfort_layout()
-    codegen = site / "nexfort" / "inductor" / "codegen"
     assert (codegen / "__init__.py").is_file()
-    for name in MODULES:
-        assert not (site / name).exists()
-        assert (codegen / name).read_bytes() == b"\x7fELF fake " + name.encode()
-        assert any(a.startswith(f"moved {site / name} -> ") for a in actions)
+    for name in MODULES:  # nexfort imports them from both places (nexfort/kernels: top level)
+        assert (site / name).read_bytes() == (codegen / name).read_bytes() == b"\x7fELF fake " + name.encode()
+        assert f"copied {site / name} -> {codegen / name}" in actions
+    assert not list(site.rglob("*.sd3plugin-tmp"))
     assert environment.misplaced_nexfort_modules() == []
     assert environment.fix_nexfort_layout() == []  # idempotent
-    # RECORD follows the move, so `pip uninstall nexfort` removes the moved files
+    # RECORD lists the copies, so `pip uninstall nexfort` removes them
     record = (site / "nexfort-0.1.dev330.dist-info" / "RECORD").read_text()
-    assert f"nexfort/inductor/codegen/{MODULES[0]},sha256=x," in record
-    assert "nexfort/inductor/codegen/__init__.py,," in record
-    assert f"\n{MODULES[0]}," not in record
+    assert f"nexfort/inductor/codegen/{MODULES[0]},sha256=x,{len(MODULES[0])}" in record
+    assert f"\n{MODULES[0]},sha256=x," in record
+    assert record.count("nexfort/inductor/codegen/__init__.py,,") == 1
+
+    # a top-level copy moved away (by hand, or by an older fix) is put back
+    (site / MODULES[2]).unlink()
+    assert [(m.source, m.target) for m in environment.misplaced_nexfort_modules()] == \
+        [(codegen / MODULES[2], site / MODULES[2])]
+    assert environment.fix_nexfort_layout() == [f"copied {codegen / MODULES[2]} -> {site / MODULES[2]}"]
+    assert environment.misplaced_nexfort_modules() == []
 
 
 def test_fix_refuses_clearly_and_changes_nothing_when_not_writable(fake_nexfort, monkeypatch):
@@ -60,7 +67,8 @@ def test_fix_refuses_clearly_and_changes_nothing_when_not_writable(fake_nexfort,
     with pytest.raises(environment.LayoutFixError, match="not writable by this user") as err:
         environment.fix_nexfort_layout()
     assert str(fake_nexfort) in str(err.value) and "nexfort/inductor/codegen" in str(err.value)
-    assert all((fake_nexfort / name).exists() for name in MODULES)
+    assert sorted(p.name for p in fake_nexfort.iterdir()) == sorted([*MODULES, "nexfort",
+                                                                    "nexfort-0.1.dev330.dist-info"])
     assert not (fake_nexfort / "nexfort" / "inductor" / "codegen").exists()
 
 
@@ -78,7 +86,7 @@ def test_doctor_cli_fix_json_and_refusal(fake_nexfort, monkeypatch, capsys, tmp_
 
     assert cache_main(["doctor", "--fix", f"cache_dir={tmp_path / 'c'}"]) == 0
     out = capsys.readouterr().out
-    assert out.count("fix: moved ") == 3 and "nexfort layout: ok" in out
+    assert out.count("fix: copied ") == 3 and "nexfort layout: ok" in out
     assert cache_main(["doctor", "--fix", "--json", f"cache_dir={tmp_path / 'c'}"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["fixed"] == ["nothing to fix: nexfort's layout is fine"]

@@ -112,3 +112,14 @@ def test_unknown_nexfort_option_is_named(tiny_path, cache_dir):
         sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
                            overrides=[f"cache_dir={cache_dir}", "backend=nexfort", "on_error=raise",
                                       "+backend_options.no_such_option=1"])
+
+
+def test_layout_is_fixed_both_import_paths_work():
+    """nexfort imports its codegen extension as nexfort.inductor.codegen.* (compiled calls) and as a
+    top-level module (nexfort/kernels); the wheel only provides the second (onediff#1189)."""
+    import importlib
+
+    assert environment.misplaced_nexfort_modules() == []
+    importlib.import_module("nexfort.inductor.codegen.nexfort_codegen_extension")
+    importlib.import_module("nexfort.kernels.utils")
+    assert environment.licensed_modules_loaded() == []
