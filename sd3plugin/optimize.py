@@ -44,8 +44,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
+def resolve_dtype(name: str, device: str, quant: str = "none") -> torch.dtype:
+    """``auto``: what the quant preset needs (bfloat16 for per-row fp8), else float16 on CUDA, float32 on CPU."""
     if name == "auto":
+        from .quant import preferred_dtype
+
+        needed = preferred_dtype(quant) if quant != "none" else None
+        if needed:
+            return getattr(torch, needed)
         return torch.float16 if device == "cuda" else torch.float32
     return getattr(torch, name)
 

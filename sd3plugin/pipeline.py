@@ -23,7 +23,7 @@ def model_path(cfg) -> str:
     if cfg.model not in ARCHITECTURES:
         return cfg.model
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     folder = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
@@ -39,7 +39,7 @@ def load_pipeline(cfg, pipeline_class=None):
     from diffusers import StableDiffusion3Pipeline
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     cls = pipeline_class or StableDiffusion3Pipeline
     pipe = cls.from_pretrained(model_path(cfg), **{dtype_kwarg(): dtype})
     return pipe.to(device)
