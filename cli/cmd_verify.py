@@ -12,19 +12,22 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, help="images per prompt (default: the first one warmed)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the config's steps)")
     p.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
+    p.add_argument("--cold", action="store_true",
+                   help="the reference: same measurement compiling into empty caches (no cache needed, "
+                        "compilations expected, exit 0)")
     return add_common(p)
 
 
 def run(args) -> int:
     from sd3plugin.cache.errors import NothingCompiledError
-    from sd3plugin.cache.verify import select_entry, verify
+    from sd3plugin.cache.verify import default_shape, select_entry, verify
     from sd3plugin.cache.warmup import parse_resolutions
     from sd3plugin.cli.exit_codes import EXIT
 
     cfg = compose_args(args)
     shape = None
     if args.resolution or args.batch_size:
-        first = dict(select_entry(cfg)["shapes"][0])
+        first = default_shape(cfg) if args.cold else dict(select_entry(cfg)["shapes"][0])
         if args.resolution:
             (w, h), = parse_resolutions(args.resolution)[:1] or [(first["width"], first["height"])]
             first.update(width=w, height=h)
@@ -32,14 +35,14 @@ def run(args) -> int:
             first["batch_size"] = args.batch_size
         shape = first
     try:
-        result = verify(cfg, args.overrides, shape=shape, steps=args.steps, timeout=args.timeout)
+        result = verify(cfg, args.overrides, shape=shape, steps=args.steps, timeout=args.timeout, cold=args.cold)
         code = 0
     except NothingCompiledError as exc:
         if not hasattr(exc, "result"):
             raise
         result, code = {**exc.result, "error": str(exc)}, EXIT["compiled"]
     s = result["shape"]
-    text = (f"{'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
+    text = (f"{'COLD' if args.cold else 'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
             f"time to first image {result['time_to_first_image_seconds']:.2f} s (import "
             f"{result['import_seconds']:.2f} s, load {result['load_seconds']:.2f} s, first image "
             f"{result['first_image_seconds']:.2f} s); fresh compilations {result['fresh_compilations']}, "

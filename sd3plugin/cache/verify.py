@@ -12,8 +12,10 @@ _T_START = time.perf_counter()
 
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .errors import CacheError, CacheNotFoundError, NothingCompiledError  # noqa: E402
@@ -45,14 +47,25 @@ def _describe(entry: dict) -> str:
     return f"model={c.get('model')} mode={c.get('mode', {}).get('spec')!r} device={c.get('device')}"
 
 
+def default_shape(cfg) -> dict:
+    from ..pipeline import resolution
+
+    h, w = resolution(cfg)
+    return {"width": w, "height": h, "batch_size": int(cfg.num_images), "guidance": cfg.guidance_scale > 1}
+
+
 def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | None = None,
-           timeout: float | None = None) -> dict:
-    """Run the warm start in a child process; raise NothingCompiledError if it compiled anything."""
-    entry = select_entry(cfg)
+           timeout: float | None = None, cold: bool = False) -> dict:
+    """Run the warm start in a child process; raise NothingCompiledError if it compiled anything.
+
+    ``cold``: the reference to compare with: the child compiles into empty inductor/Triton dirs
+    (no entry needed; compilations are expected and not an error).
+    """
+    entry = None if cold else select_entry(cfg)
     if shape is None:
-        shape = dict(entry["shapes"][0])
+        shape = dict(entry["shapes"][0]) if entry else default_shape(cfg)
     payload = {"overrides": list(overrides), "cache_dir": str(cfg.cache_dir), "shape": shape,
-               "steps": steps}
+               "steps": steps, "cold": cold}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "sd3plugin.cache.verify", json.dumps(payload)],
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
@@ -63,12 +76,13 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
         raise CacheError(f"the verify process failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(line[len(MARK):])
     result["process_seconds"] = round(wall, 3)
-    result["fingerprint"] = entry["fingerprint"]
-    result["ok"] = result["fresh_compilations"] == 0 and result["status"] == "compiled"
+    result["fingerprint"] = entry["fingerprint"] if entry else None
+    result["cold"] = cold
+    result["ok"] = (cold or result["fresh_compilations"] == 0) and result["status"] == "compiled"
     if result["status"] != "compiled":
         raise CacheError(f"the pipeline was not compiled in the verify process (status {result['status']}: "
                          f"{result.get('error')})")
-    if result["fresh_compilations"]:
+    if result["fresh_compilations"] and not cold:
         err = NothingCompiledError(
             f"the warm start compiled {result['fresh_compilations']} graph(s) (FX-graph cache misses) for "
             f"{shape['width']}x{shape['height']} batch {shape['batch_size']}; the cache does not cover this "
@@ -97,9 +111,13 @@ def _child(payload: dict) -> dict:
     model_path(cfg)  # random-weight presets are built once; not part of the warm start
     build = time.perf_counter() - t0
     shape = payload["shape"]
+    cold_dir = tempfile.mkdtemp(prefix="sd3plugin-cold-") if payload.get("cold") else None
     with sd3plugin.enabled(cfg):
         t1 = time.perf_counter()
         pipe = load_pipeline(cfg)
+        if cold_dir:  # compile from scratch: empty inductor and Triton caches
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(cold_dir, "triton")
         t2 = time.perf_counter()
         kwargs = call_kwargs(cfg, height=shape["height"], width=shape["width"], steps=payload.get("steps"),
                              output_type="pil")
@@ -112,6 +130,8 @@ def _child(payload: dict) -> dict:
         t3 = time.perf_counter()
         rep = sd3plugin.report(pipe)
     counters = compile_counters()
+    if cold_dir:
+        shutil.rmtree(cold_dir, ignore_errors=True)
     return {"time_to_first_image_seconds": round(t3 - _T_START - build, 3),
             "import_seconds": round(imported - _T_START, 3), "load_seconds": round(t2 - t1, 3),
             "first_image_seconds": round(t3 - t2, 3), "model_build_seconds": round(build, 3),
