@@ -164,6 +164,13 @@ def test_install_into_empty_dir_reproduces_the_cache(tmp_path, packed, capsys):
     assert not list(target.glob(".install-*"))
 
 
+def test_install_removes_what_a_killed_install_left(tmp_path, packed, existing, capsys):
+    _, archive, _ = packed
+    (existing / ".install-killed" / "new").mkdir(parents=True)
+    assert cli("install", str(archive), "--cache-dir", str(existing), capsys=capsys)[0] == 0
+    assert not list(existing.glob(".install-*"))
+
+
 def test_reinstall_replaces_the_entry_and_keeps_other_caches(existing, packed, capsys):
     _, archive, _ = packed
     code, data, text = cli("install", str(archive), "--cache-dir", str(existing), "--json", capsys=capsys)
@@ -234,6 +241,13 @@ def _unsafe(name=None, kind="reg", link=""):
     return make
 
 
+def _file_and_folder(tmp_path, archive):
+    manifest, members = archive_contents(archive)
+    clash = "entries/0123456789abcdef/entry.json/x"
+    manifest["files"][clash] = {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+    return write_archive(tmp_path / "clash.tar.zst", manifest, members + [reg(clash, b"x")]), "both a file and a folder"
+
+
 BAD = {
     "tampered": _tampered, "truncated": _truncated, "not_an_archive": _not_an_archive,
     "missing_member": _missing_member, "extra_member": _extra_member, "manifest_not_first": _manifest_not_first,
@@ -243,6 +257,7 @@ BAD = {
     "hardlink": _unsafe("inductor/ab/hard", "hard", "/etc/passwd"),
     "device": _unsafe("inductor/ab/dev", "chr"), "fifo": _unsafe("inductor/ab/fifo", "fifo"),
     "stray_top_level": _unsafe("evil.sh"),
+    "file_and_folder": _file_and_folder,
 }
 
 

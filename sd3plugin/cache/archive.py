@@ -181,9 +181,15 @@ def scan(path: str | Path, extract_to: Path | None = None) -> dict:
         for name in files:
             check_member_name(name)
         seen: set[str] = set()
+        folders: set[str] = set()
         for m in members:
             rel = check_member_name(m.name)
             _check_member_type(m)
+            parents = {"/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)}
+            if parents & seen or (m.isreg() and rel in folders):
+                raise CorruptArchiveError(f"{path}: member {rel!r} is both a file and a folder; the archive was "
+                                          "altered")
+            folders |= parents | ({rel} if m.isdir() else set())
             if m.isdir():
                 if extract_to is not None:
                     (extract_to / rel).mkdir(parents=True, exist_ok=True)
@@ -327,6 +333,8 @@ def install(archive: str | Path, root: str | Path, force: bool = False, expect_s
     if root.exists() and not root.is_dir():
         raise CacheWriteError(f"--cache-dir {str(root)!r} exists and is not a folder")
     with cache_lock(root, lock_timeout, "install into"):
+        for stale in root.glob(".install-*"):  # left by an install that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=root))
         except OSError as exc:

@@ -42,14 +42,19 @@ def load_entries(root: str | Path) -> dict:
     for entry in entries:
         errors, _ = compatibility(entry.get("environment", {}), here, entry.get("config", {}).get("device"))
         for path in store.blob_paths(entry):
-            stat = path.stat()
-            ident = (stat.st_size, stat.st_mtime_ns)
-            if _LOADED.get(str(path)) == ident:
+            try:  # an install may be replacing this entry right now
+                stat = path.stat()
+                ident = (stat.st_size, stat.st_mtime_ns)
+                if _LOADED.get(str(path)) == ident:
+                    continue
+                if errors:
+                    result["skipped"].append({"blob": str(path), "reason": "; ".join(errors)})
+                    continue
+                data = path.read_bytes()
+            except OSError as exc:
+                result["skipped"].append({"blob": str(path), "reason": f"cannot read it: {exc.strerror}"})
                 continue
-            if errors:
-                result["skipped"].append({"blob": str(path), "reason": "; ".join(errors)})
-                continue
-            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+            info = torch.compiler.load_cache_artifacts(data)
             _LOADED[str(path)] = ident
             if info is None:
                 result["skipped"].append({"blob": str(path), "reason": "torch could not read it"})
