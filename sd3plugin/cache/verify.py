@@ -67,8 +67,11 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
     payload = {"overrides": list(overrides), "cache_dir": str(cfg.cache_dir), "shape": shape,
                "steps": steps, "cold": cold}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sd3plugin.cache.verify", json.dumps(payload)],
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sd3plugin.cache.verify", json.dumps(payload)],
+                              capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        raise CacheError(f"the verify process did not finish within --timeout {timeout:g} s") from None
     wall = time.perf_counter() - t0
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
