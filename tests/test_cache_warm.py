@@ -5,6 +5,8 @@ runs in a fresh process and must compile nothing and make its first image faster
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -51,14 +53,15 @@ def warmed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped(warmed, tmp_path_factory):
     """pack -> clear -> install into an empty dir elsewhere; (target, pack result, install result,
-    seconds of the cold first call)."""
+    seconds of the cold first call, the random-weight model folder the warm built)."""
     root, results = warmed
     archive = tmp_path_factory.mktemp("ship") / "tiny.tar.zst"
 
-    def cli(*argv):  # module scope has no capsys: run the CLI in a subprocess
-        p = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", *argv, "--json"], capture_output=True,
-                           text=True, env=_env())
-        return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None, p.stderr
+    def cli(*argv):  # module scope has no capsys
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*argv, "--json"])
+        return code, json.loads(out.getvalue()) if out.getvalue().strip() else None, err.getvalue()
 
     code, packed, err = cli("pack", "--cache-dir", str(root), "-o", str(archive))
     assert code == 0, err
@@ -70,7 +73,7 @@ def shipped(warmed, tmp_path_factory):
     code, installed, err = cli("install", str(archive), "--cache-dir", str(target), "--expect-sha256",
                                packed["archive_sha256"])
     assert code == 0, err
-    return target, packed, installed, results[0]["shapes"][0]["seconds"]
+    return target, packed, installed, results[0]["shapes"][0]["seconds"], root / "models" / "tiny-float32"
 
 
 def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warmed, capsys):
@@ -89,7 +92,7 @@ def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warme
 
 
 def test_pack_manifest_describes_the_warmed_cache(shipped):
-    root, packed, installed, _ = shipped
+    root, packed, installed, _, _ = shipped
     m = packed["manifest"]
     assert m["fingerprint"] == installed["entries"][0]
     assert m["config"]["model"] == "tiny" and m["config"]["mode"]["spec"]
@@ -99,8 +102,10 @@ def test_pack_manifest_describes_the_warmed_cache(shipped):
 
 
 def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(shipped, capsys):
-    root, _, _, cold_seconds = shipped
-    code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", *RUN)
+    root, _, _, cold_seconds, model_folder = shipped
+    assert (model_folder / "model_index.json").is_file()  # `clear` kept the random-weight model
+    # Warmed with the preset, verified with the model folder: same architecture, same cache entry.
+    code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", f"model={model_folder}", *RUN)
     assert code == 0, text
     assert data["fresh_compilations"] == 0 and data["fxgraph_cache_miss"] == 0
     assert data["fxgraph_cache_hit"] > 0 and data["autograd_cache_hit"] > 0
