@@ -453,3 +453,22 @@ def test_fingerprint_follows_the_architecture_not_the_model_name(tiny_path, tmp_
     assert fingerprint(compose(None, ["model=sd3-medium"])) != fingerprint(preset)
     unknown = compose(None, [f"model={tmp_path / 'nowhere'}"])
     assert compile_config(unknown)["architecture"] is None and compile_config(unknown)["model"].endswith("nowhere")
+
+
+def test_shapes_to_warm():
+    from sd3plugin.cache.warmup import parse_batch_sizes, parse_resolutions, plan_shapes
+    from sd3plugin.config import compose
+    from sd3plugin.errors import ConfigError
+
+    assert parse_resolutions("1024x1024, 768x1344,512,768x1344") == [(1024, 1024), (768, 1344), (512, 512)]
+    assert parse_batch_sizes("1,2,2") == [1, 2]
+    with pytest.raises(ConfigError, match="at least 1"):
+        parse_batch_sizes("0")
+    cfg = compose(None, ["model=tiny"])
+    assert plan_shapes(cfg, [], []) == [{"width": 64, "height": 64, "batch_size": 1, "guidance": True}]
+    shapes = plan_shapes(compose(None, ["guidance_scale=1.0"]), [(64, 32), (32, 32)], [1, 2])
+    assert [(s["width"], s["height"], s["batch_size"]) for s in shapes] == [(64, 32, 1), (64, 32, 2), (32, 32, 1),
+                                                                            (32, 32, 2)]
+    assert not shapes[0]["guidance"]
+    with pytest.raises(ConfigError, match="multiple of"):
+        plan_shapes(cfg, [(63, 64)], [1])
