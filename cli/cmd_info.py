@@ -45,10 +45,9 @@ def run(args) -> int:
     from .cmd_ls import summary
 
     info = summary(root)
-    wanted = {e["fingerprint"] for e in entries}
-    info["entries"] = [dict(e, blobs=next(x for x in entries if x["fingerprint"] == e["fingerprint"]).get("blobs"),
-                            composed_config=next(x for x in entries if x["fingerprint"] == e["fingerprint"])
-                            .get("composed_config"))
-                       for e in info["entries"] if e["fingerprint"] in wanted]
+    full = {e["fingerprint"]: e for e in entries}
+    info["entries"] = [dict(e, blobs=full[e["fingerprint"]].get("blobs"),
+                            composed_config=full[e["fingerprint"]].get("composed_config"))
+                       for e in info["entries"] if e["fingerprint"] in full]
     emit(args, {"ok": True, **info}, json.dumps(info, indent=2, default=str))
     return 0
