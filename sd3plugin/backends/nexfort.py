@@ -59,6 +59,10 @@ class NexfortBackend(Backend):
         from .. import cache
 
         info = cache.activate_nexfort(plan.cache_dir)
+        if "freezing" in plan.tokens:
+            # nexfort refuses its graph cache with freezing (the frozen weights would be cached).
+            GLOBAL_SETTINGS.set_env("NEXFORT_GRAPH_CACHE", "0")
+            info["nexfort_graph_cache_dir"] = None
         self._configure_nexfort()
         opts = self.options(plan)
         self._apply_memory_format(transformer, plan.memory_format)
@@ -89,7 +93,7 @@ class NexfortBackend(Backend):
         import nexfort.fx_compiler.config as fx_config
 
         # nexfort reads NEXFORT_GRAPH_CACHE when it is imported (by the availability check, before
-        # activate_nexfort set it): turn its graph cache on for this process too.
+        # activate_nexfort set it): apply the current value to this process too.
         fx_config.graph_cache = os.environ.get("NEXFORT_GRAPH_CACHE") == "1"
         if not os.environ.get(environment.LICENCE_ENV):
             # Its persistent Triton autotune cache is a licensed feature (onediff#1165).

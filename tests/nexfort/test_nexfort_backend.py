@@ -123,3 +123,20 @@ def test_layout_is_fixed_both_import_paths_work():
     importlib.import_module("nexfort.inductor.codegen.nexfort_codegen_extension")
     importlib.import_module("nexfort.kernels.utils")
     assert environment.licensed_modules_loaded() == []
+
+
+def test_seed_mode_with_freezing_compiles_without_the_graph_cache(tiny_path, cache_dir):
+    """The seed's full mode string: nexfort refuses NEXFORT_GRAPH_CACHE=1 together with freezing, so the
+    backend turns its graph cache off for it (else: fallback with "Freezing can embed constants")."""
+    from ..conftest import tiny_call
+
+    eager = StableDiffusion3Pipeline.from_pretrained(tiny_path)(**tiny_call(num_inference_steps=2)).images
+    pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
+                              overrides=[f"cache_dir={cache_dir}", "backend=nexfort", "mode=seed", "on_error=raise"])
+    out = pipe(**tiny_call(num_inference_steps=2)).images
+    rep = sd3plugin.report(pipe)
+    assert rep["status"] == "compiled" and rep["nexfort_graph_cache_dir"] is None, rep
+    assert "freezing" in rep["nexfort_options"]["mode"]
+    assert os.environ["NEXFORT_GRAPH_CACHE"] == "0"
+    assert (out - eager).abs().max().item() <= RTOL * eager.abs().max().item()
+    sd3plugin.undo(pipe)
