@@ -136,6 +136,12 @@ def _writable(path: Path) -> bool:
     return True
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _add_to_record(dist, copied: list[MisplacedModule], init_rel: str | None) -> None:
     """List the copies in nexfort's RECORD (same hash and size), so `pip uninstall` removes them too."""
     records = [f for f in dist.files or [] if f.name == "RECORD" and f.parent.name.endswith(".dist-info")]
@@ -168,7 +174,7 @@ def fix_nexfort_layout(dist=None) -> list[str]:
         return []
     site = Path(dist.locate_file(""))
     codegen = site.joinpath(*NEXFORT_CODEGEN_PACKAGE)
-    folders = {m.target.parent if m.target.parent.is_dir() else site for m in misplaced} | {site}
+    folders = {_nearest_existing(m.target.parent) for m in misplaced} | {site}
     for folder in sorted(folders):
         if not _writable(folder):
             raise LayoutFixError(
