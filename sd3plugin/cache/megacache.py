@@ -85,14 +85,34 @@ def save_artifacts() -> tuple[bytes, dict] | None:
     return blob, {kind: len(keys) for kind, keys in info.artifacts.items()}
 
 
-def compile_counters() -> dict:
-    """Cache hits/misses so far in this process (inductor FX graphs and AOTAutograd)."""
+def nexfort_graph_entries(inductor_dir: str | Path) -> int:
+    """Entries of nexfort's compiled-graph cache (``<inductor dir>/compiledgraph/<key>/entry``)."""
+    d = Path(inductor_dir) / "compiledgraph"
+    return sum(1 for _ in d.glob("*/entry")) if d.is_dir() else 0
+
+
+def compile_counters(inductor_dir: str | Path | None = None) -> dict:
+    """Cache hits/misses so far in this process (inductor FX graphs, AOTAutograd) and, with
+    ``inductor_dir``, the number of nexfort compiled-graph entries on disk.
+
+    ``fresh_compilations`` counts inductor's FX-graph misses and bypasses; nexfort compiles outside
+    those counters, so callers add the growth of ``nexfort_graph_entries`` (a new entry is a compile).
+    """
     from torch._dynamo.utils import counters
 
     ind, aot = counters["inductor"], counters["aot_autograd"]
-    return {"fxgraph_cache_miss": int(ind["fxgraph_cache_miss"]),
-            "fxgraph_cache_bypass": int(ind["fxgraph_cache_bypass"]),
-            "fxgraph_cache_hit": int(ind["fxgraph_cache_hit"]),
-            "autograd_cache_miss": int(aot["autograd_cache_miss"]),
-            "autograd_cache_hit": int(aot["autograd_cache_hit"]),
-            "fresh_compilations": int(ind["fxgraph_cache_miss"]) + int(ind["fxgraph_cache_bypass"])}
+    out = {"fxgraph_cache_miss": int(ind["fxgraph_cache_miss"]),
+           "fxgraph_cache_bypass": int(ind["fxgraph_cache_bypass"]),
+           "fxgraph_cache_hit": int(ind["fxgraph_cache_hit"]),
+           "autograd_cache_miss": int(aot["autograd_cache_miss"]),
+           "autograd_cache_hit": int(aot["autograd_cache_hit"]),
+           "fresh_compilations": int(ind["fxgraph_cache_miss"]) + int(ind["fxgraph_cache_bypass"])}
+    if inductor_dir is not None:
+        out["nexfort_graph_entries"] = nexfort_graph_entries(inductor_dir)
+    return out
+
+
+def compiled_between(before: dict, after: dict) -> int:
+    """Fresh compilations between two ``compile_counters`` snapshots (inductor and nexfort)."""
+    return (after["fresh_compilations"] - before["fresh_compilations"]
+            + after.get("nexfort_graph_entries", 0) - before.get("nexfort_graph_entries", 0))

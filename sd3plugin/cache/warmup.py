@@ -19,7 +19,7 @@ from . import megacache, store
 from .errors import CacheError
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compile_config, environment, fingerprint
-from .megacache import compile_counters, save_artifacts
+from .megacache import compile_counters, compiled_between, save_artifacts
 
 log = logging.getLogger("sd3plugin")
 
@@ -97,8 +97,8 @@ def warm(cfg, shapes: list[dict], steps: int = 2, lock_timeout: float = DEFAULT_
     with cache_lock(root, lock_timeout, "warm"):
         waited = time.perf_counter() - started
         per_shape, rep, saved = _compile_shapes(cfg, shapes, steps, progress)
-        compiled = sum(s["fresh_compilations"] + s["fxgraph_cache_hit"] for s in per_shape)
-        if saved is None and (megacache.available() or not compiled):
+        # Without Mega-Cache (torch < 2.7: the nexfort stack) the inductor folder alone is the cache.
+        if saved is None and megacache.available():
             raise CacheError(f"nothing was compiled for {cfg.model} (backend {rep.get('backend')}: "
                              f"{rep.get('backend_reason')}); nothing to store")
         blob, counts = saved if saved is not None else (None, {})
@@ -120,6 +120,7 @@ def _compile_shapes(cfg, shapes, steps, progress):
     from ..pipeline import call_kwargs, load_pipeline, synchronize
 
     device = resolve_device(cfg.device)
+    inductor_dir = Path(cfg.cache_dir).expanduser() / store.INDUCTOR
     per_shape = []
     with sd3plugin.enabled(cfg):  # keeps cache dirs and flags set while compiling
         pipe = load_pipeline(cfg)
@@ -140,16 +141,17 @@ def _compile_shapes(cfg, shapes, steps, progress):
             kwargs = call_kwargs(cfg, height=shape["height"], width=shape["width"], steps=steps,
                                  output_type="pil")
             kwargs["num_images_per_prompt"] = shape["batch_size"]
-            before = compile_counters()
+            before = compile_counters(inductor_dir)
             t0 = time.perf_counter()
             try:
                 pipe(**kwargs, callback_on_step_end=on_step)
                 synchronize(device)
             finally:
                 bar.close()
-            after = compile_counters()
+            after = compile_counters(inductor_dir)
             per_shape.append({**shape, "seconds": round(time.perf_counter() - t0, 3),
-                              **{k: after[k] - before[k] for k in ("fresh_compilations", "fxgraph_cache_hit")}})
+                              "fresh_compilations": compiled_between(before, after),
+                              "fxgraph_cache_hit": after["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]})
         rep = sd3plugin.report(pipe)
         if rep.get("status") != "compiled":
             raise CacheError(f"compilation failed at the first call ({rep.get('error')}); the pipeline ran "
