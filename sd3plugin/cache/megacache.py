@@ -32,15 +32,13 @@ def load_entries(root: str | Path) -> dict:
         return result
     import torch
 
-    if not available():
-        result["skipped"].append({"blob": str(root), "reason": f"torch {torch.__version__} has no Mega-Cache "
-                                  "(torch.compiler.load_cache_artifacts); the inductor folder still serves"})
-        return result
-
     here = environment()
     started = time.perf_counter()
     for entry in entries:
         errors, _ = compatibility(entry.get("environment", {}), here, entry.get("config", {}).get("device"))
+        if not errors and not available():
+            errors = [f"torch {torch.__version__} has no Mega-Cache (torch.compiler.load_cache_artifacts); "
+                      "the inductor folder still serves"]
         for path in store.blob_paths(entry):
             try:  # an install may be replacing this entry right now
                 stat = path.stat()
