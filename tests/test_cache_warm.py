@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from sd3plugin.cache import activate, store
+from sd3plugin.cache import activate
 from sd3plugin.cli.cache import main
-from sd3plugin.cli.exit_codes import EXIT
 
 pytestmark = pytest.mark.slow
 RUN = ["steps=2"]
