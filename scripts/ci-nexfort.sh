@@ -18,8 +18,9 @@ else
 fi
 built=$(date +%s)
 "$VENV/bin/sd3plugin-cache" doctor
-# The nexfort tests: tiny pipeline through the hook, cold and warm processes, auto, undo, options.
-"$PY" -m pytest -q -p no:cacheprovider --timeout=1200 -m nexfort tests/nexfort
+# Every test marked nexfort (tests/nexfort: tiny pipeline through the hook, cold and warm processes,
+# auto, undo, options; tests/test_cache_nexfort.py: warm/pack/install/verify of nexfort's cache).
+"$PY" -m pytest -q -p no:cacheprovider --timeout=1200 -m nexfort tests
 if [ "${NEXFORT_CI_MAIN_TESTS:-1}" = "1" ]; then
     # The main package on the old stack, with nexfort switched off so backend=auto means inductor as the
     # tests expect (tests/nexfort covers auto=nexfort).
