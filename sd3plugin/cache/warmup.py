@@ -77,8 +77,8 @@ def check_warmable(cfg) -> None:
         raise ConfigError(
             f"mode.spec={cfg.mode.spec!r} contains 'freezing': inductor folds the weights into the compiled "
             "graphs as constants, so the artefacts depend on weight values and PyTorch does not cache them "
-            "(FX-graph cache bypass). A shippable cache cannot be warmed for it; drop the token, e.g. "
-            "mode=max-speed (the seed mode without freezing and cache-all)")
+            "(FX-graph cache bypass). A shippable cache cannot be warmed for it; drop the token (e.g. "
+            "mode.spec=max-optimize:max-autotune:low-precision:cudagraphs:benchmark) or use mode=max-speed")
     if cfg.backend == "eager":
         raise ConfigError("backend=eager compiles nothing, so there is nothing to warm; use backend=auto "
                           "or backend=inductor")
