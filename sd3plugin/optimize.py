@@ -72,12 +72,17 @@ class _CompiledCall:
     """Wraps a method of a module holding compiled parts (the transformer's ``forward``, the VAE's
     ``decode``): on a compile failure, undo the compilation, run eagerly, and report it (or raise)."""
 
-    def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str):
+    def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str, settings: dict):
         self.owner, self.method, self.undo, self.report = owner, method, undo, report
-        self.on_error, self.what = on_error, what
+        self.on_error, self.what, self.settings = on_error, what, settings
         self.active = True
 
     def __call__(self, *args, **kwargs):
+        # The cache dir and flags of this pipeline's plan hold during its calls, hook enabled or not.
+        with GLOBAL_SETTINGS.scoped(self.settings):
+            return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         fn = getattr(type(self.owner), self.method)
         if not self.active:
             return fn(self.owner, *args, **kwargs)
@@ -190,22 +195,23 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         report.update(info)
         if info.get("compiled_modules"):
             report["status"] = "compiled"
+            settings = GLOBAL_SETTINGS.snapshot()
             transformer.forward = _CompiledCall(transformer, "forward", lambda: backend.undo(transformer),
-                                                report, cfg.on_error, backend.name)
+                                                report, cfg.on_error, backend.name, settings)
             if cfg.compile_vae and vae is not None and backend.name == "inductor":
-                _compile_vae_decoder(vae, backend, plan, report, cfg.on_error)
+                _compile_vae_decoder(vae, backend, plan, report, cfg.on_error, settings)
     report["setup_seconds"] = round(time.perf_counter() - started, 3)
     report["global_settings"] = GLOBAL_SETTINGS.changed()
     _attach(target, transformer, report)
     return target
 
 
-def _compile_vae_decoder(vae, backend, plan, report: dict, on_error: str) -> None:
+def _compile_vae_decoder(vae, backend, plan, report: dict, on_error: str, settings: dict) -> None:
     """compile_vae=true: compile the VAE decoder too (end-to-end time); same fallback rules."""
     decoder = vae.decoder
     decoder.compile(backend="inductor", options=backend.options(plan), dynamic=True if plan.dynamic else False)
     vae.decode = _CompiledCall(vae, "decode", lambda: setattr(decoder, "_compiled_call_impl", None),
-                               report, on_error, "vae")
+                               report, on_error, "vae", settings)
     report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
 
 

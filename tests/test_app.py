@@ -23,6 +23,8 @@ def test_default_run_compiles_and_writes_outputs(tmp_path, cache_dir):
     assert "nexfort" in report["optimization"]["backend_reason"]  # auto says why
     assert report["warmup_seconds"] > 0 and report["iterations_per_second"] > 0 and report["e2e_seconds"] > 0
     assert report["config"]["cache_dir"] == str(cache_dir)
+    # compiled after the hook's `with` block ended: the plan's cache dir still held during the calls
+    assert any((cache_dir / "inductor").rglob("*.py")), "compiled code did not land in cache_dir"
     from PIL import Image
 
     img = Image.open(out / "image_00.png")

@@ -114,3 +114,15 @@ def test_auto_import_enables_from_environment(tiny_path, tmp_path):
     out = subprocess.run([sys.executable, "-c", "import sd3plugin.auto"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode != 0 and "unknown mode option 'wrong'" in out.stderr
+
+
+def test_scoped_settings_apply_only_during_a_call():
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", "/tmp/plan-dir")
+    GLOBAL_SETTINGS.set_flag("cudnn.benchmark", True)
+    snap = GLOBAL_SETTINGS.snapshot()
+    sd3plugin.disable()
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and torch.backends.cudnn.benchmark is False
+    with GLOBAL_SETTINGS.scoped(snap):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/plan-dir" and torch.backends.cudnn.benchmark
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and torch.backends.cudnn.benchmark is False
