@@ -102,7 +102,7 @@ def compile_config(cfg) -> dict:
     out["architecture"] = architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device
-    out["dtype"] = str(resolve_dtype(cfg.dtype, device)).split(".")[-1]
+    out["dtype"] = str(resolve_dtype(cfg.dtype, device, cfg.quant.type)).split(".")[-1]
     if isinstance(out.get("mode"), dict):
         out["mode"] = {"spec": out["mode"].get("spec", "")}  # name/description do not change graphs
     return out
