@@ -2,11 +2,14 @@
 
     python -m tests.nexfort.run_tiny MODEL_DIR CACHE_DIR OUT_JSON [extra overrides...]
 
+(mode=max-autotune unless an override sets mode)
+
 Writes timings, the largest difference to eager, the report and the licensed nexfort modules that got
 imported, then waits 2 s: without a licence those modules end the process (exit code 255) within about
 a second, so the caller's check of exit code 0 means none of them ran.
 """
 import json
+import os
 import sys
 import time
 
@@ -33,8 +36,8 @@ def main(model: str, cache_dir: str, out_path: str, *overrides: str) -> None:
 
     after_imports = loaded_licensed()
     eager = StableDiffusion3Pipeline.from_pretrained(model)(**call_kwargs()).images
-    sd3plugin.enable(overrides=["backend=nexfort", "mode=max-autotune", f"cache_dir={cache_dir}",
-                                "on_error=raise", *overrides])
+    mode = [] if any(o.startswith("mode=") for o in overrides) else ["mode=max-autotune"]
+    sd3plugin.enable(overrides=["backend=nexfort", *mode, f"cache_dir={cache_dir}", "on_error=raise", *overrides])
     pipe = StableDiffusion3Pipeline.from_pretrained(model)
     started = time.perf_counter()
     first = pipe(**call_kwargs()).images
@@ -50,6 +53,7 @@ def main(model: str, cache_dir: str, out_path: str, *overrides: str) -> None:
         "report": {k: rep.get(k) for k in ("status", "backend", "backend_reason", "compiled_modules", "error",
                                            "nexfort_options", "fused_qkv", "nexfort_graph_cache_dir")},
         "licensed_after_imports": after_imports, "licensed_at_end": loaded_licensed(),
+        "env_graph_cache": os.environ.get("NEXFORT_GRAPH_CACHE"),
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)
