@@ -22,16 +22,53 @@ run() {  # run NAME ARGS...: one bench run into $OUT/NAME, log beside it
   local name=$1; shift
   local work=${WORK:-/tmp/sd3bench}/$name
   mkdir -p "$OUT/$name" "$work"
-  echo "=== $name: $BENCH $*" | tee "$OUT/$name/command.txt"
+  echo "=== $name: $BENCH $*" | tee "$OUT/$name/log.txt"
   local t0=$SECONDS
   # From /tmp: the repository's own sd3plugin/ (without conf/) must not shadow the installed package.
-  (cd /tmp && $BENCH "$@" output_dir="$work" hydra.run.dir="$work/hydra") > "$OUT/$name/log.txt" 2>&1
+  # RUN_LIMIT (seconds) stops one run early so that the next sections and the copies still happen.
+  (cd /tmp && timeout ${RUN_LIMIT:-0} $BENCH "$@" output_dir="$work" hydra.run.dir="$work/hydra") \
+      >> "$OUT/$name/log.txt" 2>&1
   local rc=$?
   echo "$name: exit $rc after $((SECONDS - t0)) s"
   cp "$work"/bench.json "$work"/bench.md "$work"/bench.png "$OUT/$name/" 2>/dev/null
   [ -f "$OUT/$name/bench.md" ] && sed -n '/^| variant/,/^$/p' "$OUT/$name/bench.md"
   [ $rc -ne 0 ] && tail -20 "$OUT/$name/log.txt"
   return $rc
+}
+
+cache_flow() {  # cache_flow MODE: the CI-image workflow of docs/cache.md, timed, for one mode preset
+  local mode=$1 dir=$OUT/cache-$1 work=/tmp/sd3cacheflow-$1 ci=/root/cache-ci-$1 serve=/root/cache-serve-$1 arc=/root/sd3-$1.tar.zst
+  local model=$SD3PLUGIN_CACHE_DIR/models/sd3-medium-float16
+  local ovs="model=$model mode=$mode steps=28"
+  mkdir -p "$dir" "$work"; rm -rf "$ci" "$serve" "$arc"
+  [ -f "$model/model_index.json" ] || (cd /tmp && python3 -c "
+from sd3plugin.config import compose; from sd3plugin.pipeline import model_path
+print(model_path(compose(None, ['model=sd3-medium'])))")
+  local cache="python3 -m sd3plugin.cli.cache"
+  (cd /tmp
+   set -x
+   $cache warm --json --no-progress --cache-dir "$ci" --resolutions 1024x1024 $ovs > "$work/warm.json"
+   $cache pack --json --cache-dir "$ci" -o "$arc" > "$work/pack.json"
+   $cache install --json "$arc" --cache-dir "$serve" > "$work/install.json"
+   $cache verify --json --cold --cache-dir "$serve" $ovs > "$work/verify_cold.json"
+   $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_warm.json"
+  ) > "$dir/log.txt" 2>&1
+  echo "cache $mode: exit $?; archive $(du -h "$arc" | cut -f1)"
+  python3 - "$work" "$dir" <<'PY'
+import json, sys, pathlib
+d, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+allr = {}
+for name in ("warm", "pack", "install", "verify_cold", "verify_warm"):
+    try:
+        r = allr[name] = json.loads((d / f"{name}.json").read_text())
+    except Exception as exc:
+        print(name, "no JSON:", exc); continue
+    keys = [k for k in ("seconds", "elapsed_seconds", "size_bytes", "files", "time_to_first_image_seconds",
+                        "load_seconds", "first_image_seconds", "fresh_compilations", "fxgraph_cache_hit", "ok",
+                        "exit_code", "error") if k in r]
+    print(name, {k: r[k] for k in keys})
+(out / "cache.json").write_text(json.dumps(allr, indent=2))
+PY
 }
 
 section() {
@@ -42,7 +79,7 @@ section() {
       ;;
     speed)  # eager against the mode presets at 1024x1024 (compile caches cold per variant)
       run speed $COMMON bench.cache_warmup=false \
-        "bench.variants='none=mode=none; default=mode=default; cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs; max-autotune=mode=max-autotune'"
+        "bench.variants='default=mode=default; default+cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs; none+cudagraphs=mode.spec=cudagraphs'"
       ;;
     modes)
       run modes $COMMON bench.cache_warmup=false \
@@ -55,15 +92,15 @@ section() {
       ;;
     sd35)
       run sd35 model=sd3.5-medium steps=28 bench.repeat=3 bench.cache_warmup=false \
-        "bench.variants='default=mode=default; cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs'"
+        "bench.variants='max-speed=mode=max-speed'"
       ;;
-    cache)  # cold first image vs warm start from a shipped cache, in fresh processes
-      run cache $COMMON bench.eager=false bench.cold_process=true bench.quality=false \
-        "bench.variants='default=mode=default'"
+    cache)  # issue 4: warm a cache, pack it, install it into an empty dir, verify (each a fresh process)
+      for m in ${CACHE_MODES:-default max-speed}; do cache_flow "$m"; done
       ;;
     quant)
-      run quant $COMMON num_images=2 bench.cache_warmup=false \
-        "bench.variants='fp8=mode=max-autotune quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-autotune quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=default quant=int8_dynamic'"
+      # bfloat16 for all: torchao's per-row fp8 takes bfloat16 weights; eager bf16 is the baseline.
+      run quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
+        "bench.variants='fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-speed quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=max-speed quant=int8_dynamic'"
       ;;
     *) echo "unknown section $1 (env speed modes dynamic sd35 cache quant all)"; return 2 ;;
   esac

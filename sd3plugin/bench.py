@@ -47,7 +47,7 @@ class BenchConfig:
     """The benchmark's own settings (``bench.<key>=value`` on the command line)."""
 
     # Override sets to compare with eager: a list of strings or a mapping label -> overrides.
-    variants: Any = field(default_factory=lambda: ["mode=default"])
+    variants: Any = field(default_factory=lambda: [""])  # "": the command line's config as it is
     eager: bool = True               # measure the eager baseline first (ratios need it)
     warmup: int = 1                  # warm-up calls before timing (the first one compiles)
     repeat: int = 3                  # timed full pipeline calls (e2e median; steps of all calls for it/s)
@@ -118,7 +118,7 @@ def parse_variants(variants) -> list[tuple[str, list[str]]]:
             if "=" in after and "." not in label:
                 items.append((label, text[len(label) + 1:]))
             else:
-                items.append((text or "regional", text))
+                items.append((text or "configured", text))
     else:
         raise ConfigError(f"bench.variants must be a list of override strings or a mapping label -> "
                           f"overrides, got {variants!r}")

@@ -1,0 +1,167 @@
+"""sd3plugin-bench on the tiny model (CPU): the table, ratios from real timings, recompile counts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sd3plugin.bench import (BenchConfig, StepEvents, add_ratios, parse_variants, resolution_shapes,
+                             run_bench, split_bench_overrides)
+from sd3plugin.bench_report import markdown
+from sd3plugin.config import compose
+from sd3plugin.errors import ConfigError
+
+SHAPES = [64, 48]  # tiny: multiples of 4 up to 256; 64 is its default resolution (compiled at warm-up)
+
+
+# -- arguments -----------------------------------------------------------------------------------------
+def test_bench_overrides_are_split_and_typed():
+    bench, rest = split_bench_overrides(["model=tiny", "bench.repeat=2", "+bench.multiple_resolutions=1",
+                                         "bench.resolutions=[64,48]", "steps=3"])
+    assert rest == ["model=tiny", "steps=3"]
+    assert bench.repeat == 2 and bench.multiple_resolutions is True and bench.resolutions == [64, 48]
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("bench.nope=1", ["bench.nope", "bench.repeat"]),
+    ("bench.repeat=abc", ["invalid benchmark setting"]),
+    ("bench.repeat=0", ["at least 1"]),
+    ("bench.variants='a=mode=default; a=mode=none'", ["duplicate labels"]),
+    ("bench.variants='model=sd3-medium'", ["shared by all variants"]),
+    ("bench.variants='x=mode=default junk'", ["'junk' is not an override"]),
+])
+def test_bad_bench_settings_name_the_problem(arg, words):
+    with pytest.raises(ConfigError) as err:
+        split_bench_overrides([arg])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_variant_labels():
+    assert parse_variants("fp8=quant=x mode=default; mode.spec=cudagraphs") == [
+        ("fp8", ["quant=x", "mode=default"]), ("mode.spec=cudagraphs", ["mode.spec=cudagraphs"])]
+    assert parse_variants([""]) == [("configured", [])]
+    assert parse_variants({"a": "mode=none"}) == [("a", ["mode=none"])]
+
+
+def test_seed_resolutions_are_valid_for_sd3_and_checked():
+    # 720 and 576 are multiples of 16 (45 and 36 patches of 16 px), so SD3 takes them as they are.
+    shapes = resolution_shapes(BenchConfig(), "sd3-medium")
+    assert len(shapes) == 49 and (720, 576) in shapes
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        resolution_shapes(BenchConfig(resolutions=[1000]), "sd3-medium")
+
+
+def test_app_exits_2_on_a_bad_bench_key():
+    res = subprocess.run([sys.executable, "-m", "sd3plugin.bench", "bench.warmups=2"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2
+    assert "unknown benchmark key bench.warmups" in res.stderr and "bench.warmup" in res.stderr
+
+
+def test_legacy_flags_reach_the_bench_config():
+    from sd3plugin.app import prepare_argv
+
+    bench, rest = split_bench_overrides(prepare_argv(
+        ["--run_multiple_resolutions", "1", "--warmup-iterations", "2",
+         "--compiler-config", '{"mode": "max-optimize", "dynamic": true}'], bench=True))
+    assert bench.multiple_resolutions is True and bench.warmup == 2
+    assert "mode.spec='max-optimize'" in rest
+
+
+# -- timing and ratios ---------------------------------------------------------------------------------
+def test_step_events_measure_the_time_between_steps():
+    import time
+
+    ev = StepEvents("cpu")
+    for delay in (0.0, 0.02, 0.04):
+        time.sleep(delay)
+        ev(None, 0, 0, {})
+    steps = ev.step_seconds()
+    assert len(steps) == 2 and 0.015 < steps[0] < steps[1]
+
+
+def test_ratios_and_failed_variants_in_the_table():
+    rows = [{"label": "eager", "iterations_per_second": 10.0, "e2e_seconds": 2.0, "peak_memory_gib": 4.0,
+             "warmup_compile_seconds": 1.0},
+            {"label": "fast", "iterations_per_second": 15.0, "e2e_seconds": 1.5, "peak_memory_gib": 3.0,
+             "warmup_compile_seconds": 30.0, "overrides": ["mode=default"]},
+            {"label": "broken", "error": "CompileError: no", "overrides": ["mode=x"]}]
+    add_ratios(rows)
+    assert rows[1]["its_ratio"] == 1.5 and rows[1]["e2e_ratio"] == 0.75 and rows[1]["memory_ratio"] == 0.75
+    md = markdown({"model": "tiny", "dtype": "torch.float32", "width": 64, "height": 64, "steps": 2,
+                   "guidance_scale": 7.0, "device": "cpu", "command": "sd3plugin-bench", "versions": {},
+                   "variants": rows})
+    assert "| `fast` | 15.00 (1.50x) | 1.500 s (-25.0%)" in md
+    assert "| `broken` | failed: CompileError: no |" in md
+    assert "sd3plugin iteration speed | 15.00 it/s (+50.0%)" in md
+
+
+# -- the whole benchmark on the tiny model -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = compose(None, [f"model={tiny_path}", "steps=3", "mode=fast-compile", f"output_dir={out}",
+                         f"cache_dir={cache_dir}"])
+    bench = BenchConfig(variants=["static=mode=fast-compile", "dyn=mode=fast-compile dynamic=true"], repeat=2,
+                        multiple_resolutions=True, resolutions=SHAPES, square_only=True, resolution_steps=2,
+                        cache_warmup=False)
+    torch._dynamo.reset()
+    data = run_bench(cfg, bench)
+    return data, out
+
+
+def test_bench_writes_the_table_json_and_chart(tiny_bench):
+    data, out = tiny_bench
+    assert [v["label"] for v in data["variants"]] == ["eager", "static", "dyn"]
+    assert all("error" not in v for v in data["variants"]), [v.get("error") for v in data["variants"]]
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["variants"][1]["its_ratio"] == pytest.approx(data["variants"][1]["its_ratio"])
+    md = (out / "bench.md").read_text()
+    for label in ("eager", "static", "dyn"):
+        assert f"| `{label}` |" in md
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "grid_static.png").is_file()
+    assert not (out / "caches").exists() or not any((out / "caches").iterdir())  # fresh caches removed
+
+
+def test_ratios_come_from_the_measured_timings(tiny_bench):
+    data, _ = tiny_bench
+    eager = data["variants"][0]
+    for v in data["variants"]:
+        assert len(v["e2e_all_seconds"]) == 2 and all(s > 0 for s in v["e2e_all_seconds"])
+        assert v["iterations_per_second"] == pytest.approx(1 / v["step_seconds_median"])
+        assert v["its_ratio"] == pytest.approx(v["iterations_per_second"] / eager["iterations_per_second"])
+        assert v["e2e_ratio"] == pytest.approx(v["e2e_seconds"] / eager["e2e_seconds"])
+    assert eager["its_ratio"] == 1.0
+    compiled = data["variants"][1]
+    assert compiled["status"] == "compiled" and compiled["graphs_first_shape"] >= 1
+    assert compiled["quality"]["latents_rel_error"] < 1e-3  # compiled float32 matches eager
+
+
+def test_recompile_counts_per_shape(tiny_bench):
+    data, _ = tiny_bench
+    _, static, dyn = data["variants"]
+    from diffusers import SD3Transformer2DModel
+
+    # Static shapes compile one graph per kind of block (the last one is context_pre_only) per new shape.
+    kinds = {b.context_pre_only for b in SD3Transformer2DModel.from_pretrained(
+        data["model_folder"], subfolder="transformer").transformer_blocks}
+    s = {(r["height"], r["width"]): r for r in static["resolutions"]}
+    d = {(r["height"], r["width"]): r for r in dyn["resolutions"]}
+    assert s[(64, 64)]["new_graphs"] == 0 and d[(64, 64)]["new_graphs"] == 0  # compiled at warm-up
+    assert s[(48, 48)]["new_graphs"] == len(kinds) == 2  # static shapes: each kind of block recompiles
+    assert d[(48, 48)]["new_graphs"] == 0  # dynamic=true: the same graphs serve the new shape
+    assert all(r["first_call_seconds"] > 0 for r in static["resolutions"] + dyn["resolutions"])
+    md = markdown(data)
+    assert "| 48x48 |" in md and "0 in all" in md and "2 in all" in md
+
+
+def test_bench_config_round_trips_into_json(tiny_bench):
+    data, _ = tiny_bench
+    assert OmegaConf.create(data["bench"]).resolutions == SHAPES
+    assert data["versions"]["torch"] == torch.__version__
