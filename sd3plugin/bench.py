@@ -38,6 +38,9 @@ from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
 
+# The command line as the user gave it (main() records it; Hydra later sees only the translated rest).
+COMMAND_LINE: list[str] = []
+
 # The seed script's --run_multiple_resolutions list, used in each dimension (7 x 7 shapes).
 SEED_RESOLUTIONS = [1536, 1024, 768, 720, 576, 512, 256]
 
@@ -381,6 +384,12 @@ def _quoted(text: str) -> str:
     return "'" + str(text).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
 def _slug(label: str) -> str:
     keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
     return keep.strip("_")[:60] or "variant"
@@ -451,7 +460,7 @@ def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe,
         "load_seconds": load_seconds, "device": device, "dtype": str(base_pipe.transformer.dtype),
         "height": kw["height"], "width": kw["width"], "steps": kw["num_inference_steps"],
         "guidance_scale": kw["guidance_scale"], "num_images": cfg.num_images,
-        "versions": versions(), "command": " ".join(["sd3plugin-bench", *sys.argv[1:]]),
+        "versions": versions(), "command": " ".join(["sd3plugin-bench", *map(_shell_quote, COMMAND_LINE or sys.argv[1:])]),
         "bench": OmegaConf.to_container(OmegaConf.structured(bench)), "variants": results,
     }
 
@@ -492,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     from .app import prepare_argv, run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    COMMAND_LINE[:] = argv
     try:
         bench, rest = split_bench_overrides(prepare_argv(argv, bench=True))
     except ConfigError as exc:
