@@ -58,7 +58,7 @@ class BenchConfig:
     resolutions: list[int] = field(default_factory=lambda: list(SEED_RESOLUTIONS))
     square_only: bool = False        # only (r, r) instead of every (height, width) pair
     resolution_steps: Optional[int] = None  # denoising steps of each per-shape call (default: steps)
-    cache_warmup: bool = True        # measure a warm start from the variant's cache in a fresh process
+    cache_warmup: bool = True        # warm start from a shipped cache (sd3plugin-cache warm/pack/install/verify)
     cold_process: bool = False       # also measure the cold first image in a fresh process (empty cache)
     fresh_cache: bool = True         # compile each variant into an empty cache dir (true cold numbers)
     keep_caches: bool = False        # keep those cache dirs under output_dir/caches
@@ -286,7 +286,7 @@ def run_variant(label: str, cfg, bench: BenchConfig, base_pipe, master, device: 
         torch.cuda.empty_cache()
     if cache_dir is not None:
         if bench.cache_warmup:
-            result["cache_warm_start"] = process_first_image(cfg, model_folder, cache_dir, out, label, bench)
+            result["cache_warm_start"] = shipped_cache_start(cfg, model_folder, out, label, bench)
         if bench.cold_process:
             cold_dir = out / "caches" / (_slug(label) + "-cold")
             shutil.rmtree(cold_dir, ignore_errors=True)
@@ -334,6 +334,73 @@ def quality_figures(ref: dict, eager: dict, out: Path, label: str) -> dict:
     return figs
 
 
+def _cli_json(cmd: list[str], env: dict, timeout: int) -> tuple[int, dict, str]:
+    """Run one ``sd3plugin-cache ... --json`` command: (exit code, its JSON object, stderr tail)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    text = proc.stdout.strip()
+    try:
+        data = json.loads(text[text.index("{"):]) if "{" in text else {}
+    except ValueError:
+        data = {}
+    return proc.returncode, data, "\n".join((proc.stderr or "").strip().splitlines()[-5:])
+
+
+def shipped_cache_start(cfg, model_folder: str, out: Path, label: str, bench: BenchConfig) -> dict:
+    """Warm start from a shipped cache, as users do it: ``sd3plugin-cache warm`` into an empty dir,
+    ``pack``, ``install`` into another empty dir, ``verify`` (each a fresh process). Falls back to a
+    fresh ``sd3plugin-run`` on the variant's own cache when the cache CLI is not there."""
+    import importlib.util
+
+    from .pipeline import resolution
+
+    if importlib.util.find_spec("sd3plugin.cli.cmd_verify") is None:
+        return process_first_image(cfg, model_folder, out / "caches" / _slug(label), out, label, bench)
+    root = out / "caches" / f"{_slug(label)}-shipped"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    ci, serve, archive = root / "ci", root / "installed", root / "cache.tar.zst"
+    ovs = variant_command_overrides(cfg) + [f"model={model_folder}"]
+    h, w = resolution(cfg)
+    cli = [sys.executable, "-m", "sd3plugin.cli.cache"]
+    steps = [
+        ("warm", ["warm", "--json", "--no-progress", "--cache-dir", str(ci), "--resolutions", f"{w}x{h}",
+                  "--batch-sizes", str(cfg.num_images), *ovs]),
+        ("pack", ["pack", "--json", "--cache-dir", str(ci), "-o", str(archive)]),
+        ("install", ["install", "--json", str(archive), "--cache-dir", str(serve)]),
+        ("verify", ["verify", "--json", "--cache-dir", str(serve), *ovs]),
+    ]
+    env = _child_env()
+    info: dict = {"method": "sd3plugin-cache warm/pack/install/verify"}
+    try:
+        for name, args in steps:
+            t0 = time.perf_counter()
+            code, data, err = _cli_json(cli + args, env, bench.subprocess_timeout)
+            info[f"{name}_process_seconds"] = time.perf_counter() - t0
+            if code != 0:
+                info["error"] = f"sd3plugin-cache {name} exited {code}: {data.get('error') or err}"
+                log.warning("sd3plugin-bench: %s: %s", label, info["error"])
+                return info
+            if name == "pack":
+                info["archive_bytes"] = data.get("archive_bytes")
+            if name == "verify":
+                info.update(first_call_seconds=data.get("first_image_seconds"),
+                            load_seconds=data.get("load_seconds"), import_seconds=data.get("import_seconds"),
+                            time_to_first_image_seconds=data.get("time_to_first_image_seconds"),
+                            fresh_compilations=data.get("fresh_compilations"),
+                            fxgraph_cache_hit=data.get("fxgraph_cache_hit"))
+    finally:
+        if not bench.keep_caches:
+            shutil.rmtree(root, ignore_errors=True)
+    return info
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH", "")]))
+    return env
+
+
 def process_first_image(cfg, model_folder: str, cache_dir: Path, out: Path, label: str,
                         bench: BenchConfig) -> dict:
     """Time to the first image in a fresh ``sd3plugin-run`` process using ``cache_dir`` (as shipped)."""
@@ -342,9 +409,7 @@ def process_first_image(cfg, model_folder: str, cache_dir: Path, out: Path, labe
     overrides = variant_command_overrides(cfg) + [f"model={model_folder}", f"cache_dir={cache_dir}",
                                                   f"output_dir={run_dir}", "hydra.run.dir=" + str(run_dir)]
     cmd = [sys.executable, "-m", "sd3plugin", *overrides]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                      env.get("PYTHONPATH", "")]))
+    env = _child_env()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=bench.subprocess_timeout)
     wall = time.perf_counter() - t0

@@ -25,7 +25,7 @@ def _ratio(value, better_low: bool = False) -> str:
 
 
 def variants_table(data: dict) -> str:
-    head = ["variant", "it/s", "E2E", "peak mem", "warm-up (compile)", "warm-up (cache, new process)",
+    head = ["variant", "it/s", "E2E", "peak mem", "warm-up (compile)", "warm-up (shipped cache, new process)",
             "new graphs", "latents rel. err", "PSNR"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["variants"]:
@@ -34,7 +34,9 @@ def variants_table(data: dict) -> str:
             continue
         q = r.get("quality", {})
         cache = r.get("cache_warm_start") or {}
-        cache_txt = (f"{_fmt(cache.get('first_call_seconds'))} s (+{_fmt(cache.get('load_seconds'))} s load)"
+        cache_txt = (f"{_fmt(cache.get('first_call_seconds'))} s (+{_fmt(cache.get('load_seconds'))} s load"
+                     + (f", {cache['fresh_compilations']} compiled" if cache.get("fresh_compilations") is not None
+                        else "") + ")"
                      if cache.get("first_call_seconds") is not None else ("failed" if cache else "-"))
         status = r.get("status")
         label = f"`{r['label']}`" + (f" ({status})" if status not in (None, "compiled", "eager") else "")
@@ -102,8 +104,8 @@ def markdown(data: dict) -> str:
         "",
         "it/s: median over the timed calls' denoising steps (CUDA events); E2E: median full pipeline call "
         "(text encoders, 28 steps, VAE decode); warm-up (compile): first call into an empty compile cache; "
-        "warm-up (cache): first call in a fresh process from the cache that compile left; new graphs: graphs "
-        "compiled at the first shape.",
+        "warm-up (shipped cache): first image in a fresh process after sd3plugin-cache warm, pack, install into "
+        "an empty dir (verify's figures; load time beside it); new graphs: graphs compiled at the first shape.",
         "",
         variants_table(data),
         "",

@@ -165,3 +165,20 @@ def test_bench_config_round_trips_into_json(tiny_bench):
     data, _ = tiny_bench
     assert OmegaConf.create(data["bench"]).resolutions == SHAPES
     assert data["versions"]["torch"] == torch.__version__
+
+
+def test_warm_start_from_a_shipped_cache(tiny_path, tmp_path):
+    """bench.cache_warmup runs sd3plugin-cache warm, pack, install and verify in fresh processes: the
+    installed cache serves the first image without compiling."""
+    cfg = compose(None, [f"model={tiny_path}", "steps=2", f"output_dir={tmp_path}",
+                         f"cache_dir={tmp_path / 'cache'}"])
+    bench = BenchConfig(variants=["fast=mode=fast-compile"], eager=False, repeat=1, quality=False, chart=False,
+                        cache_warmup=True)
+    torch._dynamo.reset()
+    data = run_bench(cfg, bench)
+    start = data["variants"][0]["cache_warm_start"]
+    assert "error" not in start, start
+    assert start["fresh_compilations"] == 0 and start["fxgraph_cache_hit"] >= 1
+    assert start["archive_bytes"] > 0 and start["first_call_seconds"] > 0
+    assert "0 compiled)" in (tmp_path / "bench.md").read_text()
+    assert not any((tmp_path / "caches").iterdir())  # nothing left behind without bench.keep_caches
