@@ -182,3 +182,49 @@ def test_warm_start_from_a_shipped_cache(tiny_path, tmp_path):
     assert start["archive_bytes"] > 0 and start["first_call_seconds"] > 0
     assert "0 compiled)" in (tmp_path / "bench.md").read_text()
     assert not any((tmp_path / "caches").iterdir())  # nothing left behind without bench.keep_caches
+
+
+# -- the cudagraphs token: one CUDA graph of the whole transformer step ------------------------------------
+def test_cudagraphs_token_uses_whole_step_graphs_not_inductor_trees():
+    import dataclasses
+
+    from sd3plugin.backends.inductor import InductorBackend
+    from sd3plugin.optimize import make_plan
+
+    backend = InductorBackend()
+    plan = make_plan(compose(None, ["mode.spec=max-optimize:cudagraphs", "device=cpu"]))
+    assert "triton.cudagraphs" not in backend.options(plan) and not backend.whole_step_graphs(plan)
+    on_gpu = dataclasses.replace(plan, device="cuda")
+    assert backend.whole_step_graphs(on_gpu) and "triton.cudagraphs" not in backend.options(on_gpu)
+    explicit = dataclasses.replace(on_gpu, options={"triton.cudagraphs": True})
+    assert not backend.whole_step_graphs(explicit)  # asked for inductor's own trees: no double capture
+
+
+def test_cuda_graph_runner_passes_cpu_calls_through():
+    from sd3plugin.backends.cudagraph import CudaGraphForward, install, uninstall
+
+    module = torch.nn.Linear(4, 3)
+    runner = install(module)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(module(x), torch.nn.functional.linear(x, module.weight, module.bias))
+    assert runner.info() == {"graphs": 0, "replays": 0, "failed_signatures": 0}
+    uninstall(module)
+    assert module._compiled_call_impl is None and isinstance(runner, CudaGraphForward)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_runner_replays_per_shape_and_matches_plain_calls():
+    from sd3plugin.backends.cudagraph import install
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda().half()
+    runner = install(module, warmup=2)
+    with torch.no_grad():
+        for rows in (5, 5, 5, 5, 9, 9, 9, 9, 5):
+            x = torch.randn(rows, 64, device="cuda", dtype=torch.half)  # fresh inputs every call
+            out = module(x)
+            ref = module._call_impl(x)
+            torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    # per shape: 2 plain warm-up calls, then capture + replay; 5 rows: calls 3, 4, 9; 9 rows: calls 7, 8
+    assert runner.info() == {"graphs": 2, "replays": 5, "failed_signatures": 0}

@@ -48,11 +48,11 @@ class CudaGraphForward:
         return tuple(key)
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+        if torch.is_grad_enabled():  # training / autograd: graphs would keep no gradients
             return self._plain(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = self._signature(leaves, spec)
-        if key is None or key in self.failed:
+        key = self._signature(leaves, spec)  # None unless every tensor is on a CUDA device
+        if key is None or key in self.failed or torch.cuda.is_current_stream_capturing():
             return self._plain(args, kwargs)
         entry = self.graphs.get(key)
         if entry is None:
