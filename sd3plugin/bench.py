@@ -475,6 +475,7 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
     if bench.multiple_resolutions:
         resolution_shapes(bench, cfg.model)  # invalid sizes fail before loading anything
     composed = [(label, compose(cfg, ovs), ovs) for label, ovs in variants]
+    check_shared_dtype(cfg, composed, device)
 
     t0 = time.perf_counter()
     folder = model_path(cfg)
@@ -530,9 +531,29 @@ def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe,
     }
 
 
+def check_shared_dtype(cfg, composed, device: str) -> None:
+    """All variants run on one loaded pipeline: a variant whose quant preset needs another dtype (per-row
+    fp8 wants bfloat16) is refused before anything loads, with the fix."""
+    from .optimize import resolve_dtype
+
+    base = resolve_dtype(cfg.dtype, device, cfg.quant.type)
+    for label, vcfg, _ in composed:
+        need = resolve_dtype(vcfg.dtype, device, vcfg.quant.type)
+        if need != base:
+            raise ConfigError(f"variant {label!r} (quant={vcfg.quant.type}) needs dtype "
+                              f"{str(need).split('.')[-1]} but the shared pipeline loads "
+                              f"{str(base).split('.')[-1]}; set dtype={str(need).split('.')[-1]} on the command "
+                              "line so that eager and every variant use it")
+
+
 def _eager(cfg):
+    """The command line's config run eagerly (no compilation, no quantization), in the dtype it resolves to."""
+    from .optimize import resolve_device, resolve_dtype
+
     c = copy.deepcopy(cfg)
+    c.dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device), cfg.quant.type)).split(".")[-1]
     c.backend = "eager"
+    c.quant.type = "none"
     return c
 
 

@@ -228,3 +228,16 @@ def test_cuda_graph_runner_replays_per_shape_and_matches_plain_calls():
             torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     # per shape: 2 plain warm-up calls, then capture + replay; 5 rows: calls 3, 4, 9; 9 rows: calls 7, 8
     assert runner.info() == {"graphs": 2, "replays": 5, "failed_signatures": 0}
+
+
+def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
+    from sd3plugin import bench as bench_mod
+
+    monkeypatch.setattr("sd3plugin.quant.preferred_dtype", lambda q: "bfloat16" if q == "int8_dynamic" else None)
+    cfg = compose(None, ["model=tiny", "device=cpu"])
+    composed = [("q", compose(cfg, ["quant=int8_dynamic"]), ["quant=int8_dynamic"])]
+    with pytest.raises(ConfigError, match="needs dtype bfloat16 .* set dtype=bfloat16 on the command line"):
+        bench_mod.check_shared_dtype(cfg, composed, "cpu")
+    bench_mod.check_shared_dtype(compose(None, ["model=tiny", "device=cpu", "dtype=bfloat16"]),
+                                 [("q", compose(None, ["model=tiny", "device=cpu", "dtype=bfloat16",
+                                                       "quant=int8_dynamic"]), [])], "cpu")
