@@ -10,6 +10,7 @@ import json
 import sys
 
 from .exit_codes import EXIT
+from sd3plugin.cache.store import human_size
 
 
 def add_parser(subparsers):
@@ -19,14 +20,6 @@ def add_parser(subparsers):
     p.add_argument("--fix", action="store_true",
                    help="copy nexfort's misplaced extension modules into nexfort/inductor/codegen/")
     return p
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def render(rep: dict) -> str:
@@ -47,7 +40,7 @@ def render(rep: dict) -> str:
         lines.append(f"  {name:<9} {'usable' if info['usable'] else 'NOT usable'}: {info['reason']}")
     lines.append(f"  {'auto':<9} -> {rep['backends']['auto']['chooses']} ({rep['backends']['auto']['reason']})")
     cache = rep["cache"]
-    lines.append(f"cache dir: {cache['dir']} ({_human_size(cache['size_bytes']) if cache['exists'] else 'not created yet'})")
+    lines.append(f"cache dir: {cache['dir']} ({human_size(cache['size_bytes']) if cache['exists'] else 'not created yet'})")
     misplaced = rep["nexfort_layout"]["misplaced"]
     if misplaced:
         lines.append(f"nexfort layout: {len(misplaced)} extension module(s) missing (onediff#1189): "

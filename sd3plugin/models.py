@@ -46,6 +46,9 @@ _T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_gated_act=True,
                dense_act_fn="gelu_new")
 
+_TINY_TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64)
 _TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
                  norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
@@ -58,18 +61,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "tiny": Architecture(
         name="tiny",
         description="a few-hundred-kB SD3 pipeline for CPU tests (2 transformer blocks)",
-        transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64),
+        transformer=_TINY_TRANSFORMER,
         vae=_TINY_VAE, clip_l=_TINY_CLIP, clip_g=_TINY_CLIP, t5=_TINY_T5,
     ),
     "tiny-sd3.5": Architecture(
         name="tiny-sd3.5",
         description="the tiny pipeline with SD3.5's RMS qk-norm and MMDiT-X dual attention (CPU tests)",
-        transformer=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64,
-                         qk_norm="rms_norm", dual_attention_layers=[0]),
+        transformer=dict(_TINY_TRANSFORMER, qk_norm="rms_norm", dual_attention_layers=[0]),
         vae=_TINY_VAE, clip_l=_TINY_CLIP, clip_g=_TINY_CLIP, t5=_TINY_T5,
     ),
     "sd3-medium": Architecture(
