@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .exit_codes import EXIT
 from sd3plugin.cache.store import human_size
+
+from .exit_codes import EXIT
 
 
 def add_parser(subparsers):
