@@ -18,6 +18,22 @@ def cache_paths(cache_dir: str | Path) -> dict[str, Path]:
             "models": root / "models", "entries": root / store.ENTRIES, "installed": root / store.INSTALLED}
 
 
+def _point_inductor_at(inductor_dir: Path) -> None:
+    """Set TORCHINDUCTOR_CACHE_DIR. torch < 2.5 memoizes paths under the old dir (``cpp_prefix_path``):
+    a change of dir there also clears inductor's in-memory caches, or later C++ kernels include a header
+    from a folder that may be gone."""
+    import os
+
+    import torch
+
+    changed = os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(inductor_dir)
+    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+    if changed and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        from torch._inductor.utils import clear_inductor_caches
+
+        clear_inductor_caches()
+
+
 def activate(cache_dir: str | Path) -> dict:
     """Point inductor's and Triton's caches at ``cache_dir`` and load its Mega-Cache entries.
 
@@ -26,7 +42,7 @@ def activate(cache_dir: str | Path) -> dict:
     """
     paths = cache_paths(cache_dir)
     paths["inductor"].mkdir(parents=True, exist_ok=True)
-    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", str(paths["inductor"]))
+    _point_inductor_at(paths["inductor"])
     GLOBAL_SETTINGS.set_env("TRITON_CACHE_DIR", str(paths["triton"]))
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"])}
     from .megacache import load_entries
@@ -44,7 +60,7 @@ def activate_nexfort(cache_dir: str | Path) -> dict:
     TORCHINDUCTOR_CACHE_DIR/compiledgraph, beside inductor's FX-graph cache, so warm/pack/install cover it."""
     inductor_dir = cache_paths(cache_dir)["inductor"]
     inductor_dir.mkdir(parents=True, exist_ok=True)
-    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+    _point_inductor_at(inductor_dir)
     GLOBAL_SETTINGS.set_env("NEXFORT_GRAPH_CACHE", "1")
     GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     return {"nexfort_graph_cache_dir": str(inductor_dir / "compiledgraph")}
