@@ -14,9 +14,15 @@ _MISSING = object()
 
 
 def _resolve(path: str):
-    """'cuda.matmul.allow_tf32' -> (torch.backends.cuda.matmul, 'allow_tf32'); 'dynamo.x' -> dynamo config."""
+    """'cuda.matmul.allow_tf32' -> (torch.backends.cuda.matmul, 'allow_tf32'); 'dynamo.x' -> dynamo config;
+    'package.module:attr' -> (that module, 'attr')."""
     import torch
 
+    if ":" in path:
+        import importlib
+
+        module, attr = path.split(":", 1)
+        return importlib.import_module(module), attr
     head, _, attr = path.rpartition(".")
     if head.startswith("dynamo"):
         import torch._dynamo

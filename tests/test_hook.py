@@ -116,6 +116,16 @@ def test_auto_import_enables_from_environment(tiny_path, tmp_path):
     assert out.returncode != 0 and "unknown mode option 'wrong'" in out.stderr
 
 
+def test_module_attributes_are_recorded_and_restored():
+    import torch._inductor.config as ic
+
+    before = ic.max_autotune
+    GLOBAL_SETTINGS.set_flag("torch._inductor.config:max_autotune", not before)
+    assert ic.max_autotune is (not before)
+    sd3plugin.disable()
+    assert ic.max_autotune is before
+
+
 def test_scoped_settings_apply_only_during_a_call():
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", "/tmp/plan-dir")

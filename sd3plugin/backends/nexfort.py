@@ -90,11 +90,10 @@ class NexfortBackend(Backend):
     # -- helpers ---------------------------------------------------------------------------------------
     @staticmethod
     def _configure_nexfort() -> None:
-        import nexfort.fx_compiler.config as fx_config
-
         # nexfort reads NEXFORT_GRAPH_CACHE when it is imported (by the availability check, before
-        # activate_nexfort set it): apply the current value to this process too.
-        fx_config.graph_cache = os.environ.get("NEXFORT_GRAPH_CACHE") == "1"
+        # activate_nexfort set it): apply the current value to this process too (restored on disable()).
+        GLOBAL_SETTINGS.set_flag("nexfort.fx_compiler.config:graph_cache",
+                                 os.environ.get("NEXFORT_GRAPH_CACHE") == "1")
         if not os.environ.get(environment.LICENCE_ENV):
             # Its persistent Triton autotune cache is a licensed feature (onediff#1165).
             if "NEXFORT_ENABLE_TRITON_AUTOTUNE_CACHE" not in os.environ:
