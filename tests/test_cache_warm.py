@@ -13,12 +13,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sd3plugin.cache import activate
 from sd3plugin.cli.cache import main
 
 pytestmark = pytest.mark.slow
 RUN = ["steps=2"]
+# torch >= 2.7 bundles every cache in a Mega-Cache blob and has an AOTAutograd cache; torch 2.4 (the
+# nexfort stack) ships the inductor folder alone.
+MEGACACHE = hasattr(torch.compiler, "save_cache_artifacts")
+needs_megacache = pytest.mark.skipif(not MEGACACHE, reason="torch without Mega-Cache (< 2.7)")
 
 
 def _env():
@@ -86,8 +91,9 @@ def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warme
     (entry,) = data["entries"]
     assert entry["fingerprint"] == first["fingerprint"] and entry["compatible"]
     assert entry["shapes"] == [{"width": 64, "height": 64, "batch_size": 1, "guidance": True}]
-    blobs = list((root / "entries" / entry["fingerprint"]).glob("*.megacache"))
-    assert len(blobs) == 1 and blobs[0].stat().st_size == second["blob_bytes"]
+    if MEGACACHE:
+        blobs = list((root / "entries" / entry["fingerprint"]).glob("*.megacache"))
+        assert len(blobs) == 1 and blobs[0].stat().st_size == second["blob_bytes"]
 
 
 def test_pack_manifest_describes_the_warmed_cache(shipped):
@@ -107,11 +113,13 @@ def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(ship
     code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", f"model={model_folder}", *RUN)
     assert code == 0, text
     assert data["fresh_compilations"] == 0 and data["fxgraph_cache_miss"] == 0
-    assert data["fxgraph_cache_hit"] > 0 and data["autograd_cache_hit"] > 0
-    assert data["cache"]["megacache_loaded"] and data["cache"]["installed_archive"]
+    assert data["fxgraph_cache_hit"] > 0 and data["cache"]["installed_archive"]
+    if MEGACACHE:
+        assert data["autograd_cache_hit"] > 0 and data["cache"]["megacache_loaded"]
     assert data["first_image_seconds"] < cold_seconds, (data["first_image_seconds"], cold_seconds)
 
 
+@needs_megacache
 def test_activate_loads_an_installed_cache_once_per_process(shipped):
     root = shipped[0]
     first = activate(root)["cache"]

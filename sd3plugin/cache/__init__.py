@@ -44,6 +44,10 @@ def activate(cache_dir: str | Path) -> dict:
     paths["inductor"].mkdir(parents=True, exist_ok=True)
     _point_inductor_at(paths["inductor"])
     GLOBAL_SETTINGS.set_env("TRITON_CACHE_DIR", str(paths["triton"]))
+    # On by default in current torch; torch 2.4 (the nexfort stack) keeps FX graphs and AOT graphs only
+    # when asked. Missing switches (older torch) are skipped.
+    GLOBAL_SETTINGS.set_flag("torch._inductor.config:fx_graph_cache", True)
+    GLOBAL_SETTINGS.set_flag("torch._functorch.config:enable_autograd_cache", True)
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"])}
     from .megacache import load_entries
 
