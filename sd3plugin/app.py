@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 

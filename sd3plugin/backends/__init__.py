@@ -43,14 +43,14 @@ def resolve_backend(name: str, plan: CompilePlan) -> tuple[Backend, str]:
         if not ok:
             raise BackendUnavailableError(f"backend={name!r} cannot run here: {why}")
         return backend, f"requested backend={name}"
-    nexfort = get_backend("nexfort")
-    ok, why_not_nexfort = nexfort.availability(plan)
+    nexfort_backend = get_backend("nexfort")
+    ok, why_not_nexfort = nexfort_backend.availability(plan)
     if ok:
-        return nexfort, f"auto: nexfort imports and matches torch/triton here ({why_not_nexfort})"
-    inductor = get_backend("inductor")
-    ok, why = inductor.availability(plan)
+        return nexfort_backend, f"auto: nexfort imports and matches torch/triton here ({why_not_nexfort})"
+    inductor_backend = get_backend("inductor")
+    ok, why = inductor_backend.availability(plan)
     if ok:
-        return inductor, f"auto: inductor, because nexfort is not usable here: {why_not_nexfort}"
+        return inductor_backend, f"auto: inductor, because nexfort is not usable here: {why_not_nexfort}"
     return get_backend("eager"), f"auto: eager, because nexfort ({why_not_nexfort}) and inductor ({why}) are not"
 
 

@@ -55,7 +55,7 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
         if f"'{group}/" in msg or f"in '{group}'" in msg or f"{group}=" in msg and "Could not find" in msg:
             bad = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == group), "?")
             return (f"unknown {group} option {bad!r}; valid options: {', '.join(group_options(group))}"
-                    + (f" (or set any spec string with mode.spec=...)" if group == "mode" else ""))
+                    + (" (or set any spec string with mode.spec=...)" if group == "mode" else ""))
     if "not in struct" in msg or "Could not override" in msg or "Key '" in msg and "not" in msg:
         key = msg.split("'")[1] if "'" in msg else "?"
         valid = ", ".join(k for k in schema.SD3PluginConfig.__dataclass_fields__)
