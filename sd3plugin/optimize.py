@@ -1,6 +1,6 @@
 """``optimize(pipe_or_transformer, cfg, overrides)``: the one verb that applies a config.
 
-Order: resolve backend -> fuse QKV -> quantize -> memory format -> compile (regional). Any failure
+Order: resolve backend -> fuse QKV -> attention kernel -> quantize -> memory format -> compile (regional). Any failure
 before the first call rolls everything back (on_error=raise) or keeps the eager module (fallback); a
 compile failure at the first call is caught by a guard around the transformer's forward, which undoes
 the compilation, warns once and records the cause in ``report(pipe)``.
@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import cache
+from . import attention, cache
 from .backends import CompilePlan, resolve_backend
 from .config import compose, parse_mode
 from .config.modes import torch_flags
@@ -146,6 +146,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         "mode": {"name": cfg.mode.name, "spec": cfg.mode.spec, "tokens": list(plan.tokens)},
         "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
         "quant": {"type": cfg.quant.type, "modules": []}, "compiled_modules": [], "fused_qkv": False,
+        "attention": {"kernel": "diffusers", "reason": "backend=eager keeps diffusers' processors"},
         "error": None, "on_error": cfg.on_error,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -169,23 +170,33 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
     from .quant import quantize
 
     started = time.perf_counter()
-    if cfg.fuse_qkv and backend.name != "eager":
-        report["fused_qkv"] = _fuse_qkv(transformer)
+    undo_attention = _no_op
+    if backend.name != "eager":
+        kernel, why = _attention_kernel(cfg, plan, backend.name, transformer)
+        report["attention"] = {"kernel": kernel, "reason": why}
+        if cfg.fuse_qkv:
+            report["fused_qkv"] = attention.fuse_projections(transformer)
+        undo_attention = attention.set_attention(transformer, kernel)
     try:  # after fusing: quantized weights cannot be concatenated, so the fused to_qkv gets quantized
         report["quant"] = quantize(transformer, cfg.quant, plan.device, backend=backend.name)
     except Exception:
+        undo_attention()
         if report["fused_qkv"]:
-            transformer.unfuse_qkv_projections()
+            attention.unfuse_projections(transformer)
         raise
     vae = getattr(target, "vae", None)
     fmt = _memory_format(plan.memory_format)
     if vae is not None and fmt is not None:
         vae.to(memory_format=fmt)
 
+    def undo_compile():
+        backend.undo(transformer)
+        undo_attention()  # a kernel that fails at its first call goes with the compilation
+
     try:
         info = backend.compile(transformer, plan)
     except Exception as exc:
-        backend.undo(transformer)
+        undo_compile()
         if cfg.on_error == "raise":
             raise CompileError(f"{backend.name} compilation failed: {type(exc).__name__}: {_first_line(exc)}; "
                                "fix the option named above, or use on_error=fallback / backend=eager") from exc
@@ -196,7 +207,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         if info.get("compiled_modules"):
             report["status"] = "compiled"
             settings = GLOBAL_SETTINGS.snapshot()
-            transformer.forward = _CompiledCall(transformer, "forward", lambda: backend.undo(transformer),
+            transformer.forward = _CompiledCall(transformer, "forward", undo_compile,
                                                 report, cfg.on_error, backend.name, settings)
             if cfg.compile_vae and vae is not None and backend.name == "inductor":
                 _compile_vae_decoder(vae, backend, plan, report, cfg.on_error, settings)
@@ -215,19 +226,19 @@ def _compile_vae_decoder(vae, backend, plan, report: dict, on_error: str, settin
     report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
 
 
-def _fuse_qkv(transformer) -> bool:
-    """Fuse Q/K/V projections where diffusers' fused processor is exact: it applies no q/k norm, so
-    SD3.5 transformers (``qk_norm="rms_norm"``) keep their unfused processors."""
-    if getattr(transformer.config, "qk_norm", None):
-        log.info("sd3plugin: fuse_qkv skipped: diffusers' fused joint processor ignores qk_norm=%s",
-                 transformer.config.qk_norm)
-        return False
-    try:
-        transformer.fuse_qkv_projections()
-    except Exception as exc:  # older diffusers / custom attention processors
-        log.info("sd3plugin: fuse_qkv_projections not applied: %s", exc)
-        return False
-    return True
+def _no_op() -> None:
+    pass
+
+
+def _attention_kernel(cfg, plan, backend: str, transformer) -> tuple[str, str]:
+    """The attention kernel for this plan; FA4's compiled kernels are cached under cache_dir."""
+    if backend == "nexfort":
+        return "sdpa", "backend=nexfort: torch's scaled_dot_product_attention (nexfort's stack is torch 2.4)"
+    if cfg.attention != "sdpa":
+        fa4_dir = cache.cache_paths(plan.cache_dir)["inductor"] / "fa4"
+        GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+        GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(fa4_dir))
+    return attention.resolve_kernel(cfg.attention, plan.device, transformer.dtype)
 
 
 def _attach(target, transformer, report: dict) -> None:

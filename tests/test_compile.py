@@ -164,8 +164,9 @@ def test_optimize_rejects_non_sd3():
 
 
 def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
-    """SD3.5 transformers (RMS qk-norm, dual attention) compile regionally too; compile_vae=true compiles
-    the VAE decoder. Outputs match eager within RTOL."""
+    """SD3.5 transformers (RMS qk-norm, dual attention) compile regionally too, with fused Q/K/V (our
+    processor applies the q/k norm after the split; diffusers' fused processor would drop it);
+    compile_vae=true compiles the VAE decoder. Outputs match eager within RTOL."""
     from sd3plugin.models import save_random_pipeline
 
     path = save_random_pipeline("tiny-sd3.5", tmp_path / "tiny35")
@@ -176,7 +177,10 @@ def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
     rep = sd3plugin.report(pipe)
     assert rep["compiled_modules"] == ["transformer_blocks.0", "transformer_blocks.1", "vae.decoder"]
     assert pipe.transformer.transformer_blocks[0].attn2 is not None  # dual attention block
-    assert rep["fused_qkv"] is False  # diffusers' fused processor would drop the RMS q/k norm
+    assert rep["fused_qkv"] is True
+    assert rep["attention"]["kernel"] == "sdpa" and "CPU" in rep["attention"]["reason"]
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert attn.to_qkv.weight.data_ptr() == attn.to_q.weight.data_ptr()  # views: no extra memory
     out = pipe(**tiny_call(output_type="pt", num_inference_steps=2)).images
     assert _rel_err(out, ref) < RTOL
     sd3plugin.undo(pipe)

@@ -150,6 +150,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     choice("backend", cfg.backend, schema.BACKENDS)
     choice("on_error", cfg.on_error, schema.ON_ERROR)
+    choice("attention", cfg.attention, schema.ATTENTION)
     choice("device", cfg.device, schema.DEVICES)
     choice("dtype", cfg.dtype, schema.DTYPES)
     choice("memory_format", cfg.memory_format.name, schema.MEMORY_FORMATS)

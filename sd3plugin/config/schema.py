@@ -16,6 +16,7 @@ ON_ERROR = ("fallback", "raise")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MEMORY_FORMATS = ("channels_last", "contiguous_format", "preserve")
+ATTENTION = ("auto", "sdpa", "fa4")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class SD3PluginConfig:
     # Extra options handed to the backend as they are (inductor config keys, nexfort options).
     backend_options: dict[str, Any] = field(default_factory=dict)
     fuse_qkv: bool = True
+    # Attention kernel of the optimized transformer: auto (FA4 where it runs, else sdpa) | sdpa | fa4.
+    attention: str = "auto"
     compile_vae: bool = False
     cache_dir: str = "${oc.env:SD3PLUGIN_CACHE_DIR,${oc.env:HOME,/tmp}/.cache/sd3plugin}"
     on_error: str = "fallback"

@@ -1,0 +1,202 @@
+"""Attention kernels for the SD3 transformer: one processor, a choice of kernel (``attention=``).
+
+``SD3AttnProcessor`` computes exactly what diffusers' ``JointAttnProcessor2_0`` computes (joint image +
+text attention, SD3.5's RMS q/k norm, the MMDiT-X image-only second attention) and also runs on fused
+Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. It keeps tokens in
+(batch, seq, heads, head_dim) order and hands them to one kernel:
+
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (torch picks cuDNN / flash / efficient);
+- ``fa4``: FlashAttention-4's CuTe kernels (package ``flash-attn-4``; Hopper and Blackwell GPUs), called
+  through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
+- ``auto``: ``fa4`` where it can run (CUDA, compute capability 9.x/10.x, fp16/bf16, package importable),
+  else ``sdpa``; the reason goes into ``report(pipe)["attention"]``.
+
+``set_attention(transformer, kernel)`` installs the processor on every SD3 attention module and returns
+an undo callable that puts the original processors back.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+log = logging.getLogger("sd3plugin")
+KERNELS = ("auto", "sdpa", "fa4")
+FA4_INSTALL = 'pip install "sd3plugin[fa4]" (flash-attn-4 and nvidia-cutlass-dsl)'
+
+
+# --- the FA4 kernel as a custom op ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_func():
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func
+
+
+@torch.library.custom_op("sd3plugin::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention over (batch, seq, heads, head_dim) tensors, softmax scale 1/sqrt(head_dim)."""
+    out = _fa4_func()(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@fa4_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
+    """Why FA4 cannot run here (None if it can)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return "FA4 needs a CUDA GPU (this run is on CPU)"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in (9, 10):
+        return (f"FA4 needs compute capability 9.x or 10.x (Hopper/Blackwell); "
+                f"{torch.cuda.get_device_name()} is {major}.{minor}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 runs float16/bfloat16 only, the transformer is {str(dtype).replace('torch.', '')}"
+    try:
+        _fa4_func()
+    except Exception as exc:  # ImportError, or a broken cutlass-dsl install
+        return f"flash-attn-4 does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {FA4_INSTALL}"
+    return None
+
+
+def resolve_kernel(name: str, device: str, dtype: torch.dtype | None) -> tuple[str, str]:
+    """(kernel, reason) for ``attention=name``; ConfigError for an unknown name or an fa4 that cannot run."""
+    if name not in KERNELS:
+        raise ConfigError(f"attention={name!r} is not a kernel; valid: {', '.join(KERNELS)}")
+    if name == "sdpa":
+        return "sdpa", "attention=sdpa (torch's scaled_dot_product_attention)"
+    why = fa4_unavailable(device, dtype)
+    if name == "fa4":
+        if why:
+            raise ConfigError(f"attention=fa4 cannot run: {why}. Use attention=auto or attention=sdpa")
+        return "fa4", "attention=fa4"
+    if why:
+        return "sdpa", f"auto: sdpa ({why})"
+    return "fa4", f"auto: fa4 (FlashAttention-4 on {torch.cuda.get_device_name()})"
+
+
+# --- the processor ----------------------------------------------------------------------------------
+
+
+def _attend(kernel: str, q, k, v):
+    """q, k, v: (B, S, H, D) -> (B, S, H, D)."""
+    if kernel == "fa4":
+        return fa4_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _project(attn, x, fused, names, norms):
+    """Q, K, V of ``x`` as (B, S, H, D), through one fused matmul where fused, q/k norms applied."""
+    b = x.shape[0]
+    if fused is not None:
+        q, k, v = fused(x).chunk(3, dim=-1)
+    else:
+        q, k, v = (getattr(attn, n)(x) for n in names)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.view(b, -1, attn.heads, head_dim) for t in (q, k, v))
+    norm_q, norm_k = norms
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
+class SD3AttnProcessor:
+    """Joint attention of SD3 / SD3.5 blocks with a selectable kernel (see module docstring)."""
+
+    def __init__(self, kernel: str = "sdpa"):
+        if kernel not in ("sdpa", "fa4"):
+            raise ValueError(f"kernel must be 'sdpa' or 'fa4', got {kernel!r}")
+        self.kernel = kernel
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("SD3 joint attention takes no attention_mask")
+        n_img = hidden_states.shape[1]
+        q, k, v = _project(attn, hidden_states, getattr(attn, "to_qkv", None), ("to_q", "to_k", "to_v"),
+                           (attn.norm_q, attn.norm_k))
+        if encoder_hidden_states is not None:
+            cq, ck, cv = _project(attn, encoder_hidden_states, getattr(attn, "to_added_qkv", None),
+                                  ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                  (attn.norm_added_q, attn.norm_added_k))
+            q, k, v = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
+        out = _attend(self.kernel, q, k, v)
+        out = out.reshape(out.shape[0], out.shape[1], -1).to(q.dtype)
+        if encoder_hidden_states is not None:
+            out, context = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, context) if encoder_hidden_states is not None else out
+
+
+# --- installing it ----------------------------------------------------------------------------------
+
+
+def _sd3_attention_modules(transformer):
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, Attention)]
+
+
+def _share_storage(fused: torch.nn.Linear, parts: list[torch.nn.Linear]) -> None:
+    """Make the separate projections views of the fused one: fusing costs no extra memory, and the
+    state dict keeps its keys and values."""
+    start = 0
+    for lin in parts:
+        n = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(fused.weight.data[start:start + n], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = torch.nn.Parameter(fused.bias.data[start:start + n], requires_grad=False)
+        start += n
+
+
+def fuse_projections(transformer) -> bool:
+    """Fuse each attention's Q/K/V (and the context's) into one matmul; True if any was fused.
+    Exact with SD3AttnProcessor, SD3.5's q/k norm included (applied after the split)."""
+    fused = False
+    for _, m in _sd3_attention_modules(transformer):
+        if getattr(m, "to_qkv", None) is not None or getattr(m, "is_cross_attention", False):
+            continue
+        with torch.no_grad():
+            m.fuse_projections()
+        _share_storage(m.to_qkv, [m.to_q, m.to_k, m.to_v])
+        if getattr(m, "to_added_qkv", None) is not None:
+            _share_storage(m.to_added_qkv, [m.add_q_proj, m.add_k_proj, m.add_v_proj])
+        fused = True
+    return fused
+
+
+def unfuse_projections(transformer) -> None:
+    """Drop the fused projections (the separate ones hold the same values)."""
+    for _, m in _sd3_attention_modules(transformer):
+        for name in ("to_qkv", "to_added_qkv"):
+            if hasattr(m, name):
+                delattr(m, name)
+        m.fused_projections = False
+
+
+def set_attention(transformer, kernel: str):
+    """Install SD3AttnProcessor(kernel) on every attention module; return a callable that undoes it."""
+    originals = {name: m.processor for name, m in _sd3_attention_modules(transformer)}
+    proc = SD3AttnProcessor(kernel)
+    for _, m in _sd3_attention_modules(transformer):
+        m.set_processor(proc)
+
+    def undo():
+        for name, m in _sd3_attention_modules(transformer):
+            if name in originals:
+                m.set_processor(originals[name])
+
+    return undo

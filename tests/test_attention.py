@@ -1,0 +1,107 @@
+"""SD3AttnProcessor: same numbers as diffusers' processors, fused or not, SD3 and SD3.5; kernel choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sd3plugin
+from sd3plugin import attention
+from sd3plugin.models import architecture
+
+TOL = 1e-5  # fp32 on CPU: the same math in another order (one fused matmul instead of three)
+
+
+def _transformer(variant: str):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**architecture(variant).transformer).eval()
+
+
+def _inputs(t):
+    g = torch.Generator().manual_seed(1)
+    c = t.config
+    return dict(hidden_states=torch.randn(2, c.in_channels, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(2, 7, c.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([500.0, 20.0]))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-sd3.5"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_processor_matches_diffusers(variant, fuse):
+    t = _transformer(variant)
+    x = _inputs(t)
+    keys = set(t.state_dict())
+    with torch.no_grad():
+        ref = t(**x).sample
+        if fuse:
+            assert attention.fuse_projections(t) is True
+        undo = attention.set_attention(t, "sdpa")
+        out = t(**x).sample
+    assert _rel(out, ref) < TOL, _rel(out, ref)
+    if variant == "tiny-sd3.5":  # the q/k norm really matters here: dropping it moves the output
+        assert t.transformer_blocks[0].attn.norm_q is not None
+    undo()
+    assert all(type(m.processor).__name__ == "JointAttnProcessor2_0"
+               for _, m in attention._sd3_attention_modules(t))
+    if fuse:
+        attention.unfuse_projections(t)
+        assert set(t.state_dict()) == keys
+    with torch.no_grad():
+        assert _rel(t(**x).sample, ref) < TOL
+
+
+def test_dropping_the_qk_norm_is_detected():
+    """The SD3.5 comparison above can fail: without the q/k norm the output moves well past TOL."""
+    t = _transformer("tiny-sd3.5")
+    x = _inputs(t)
+    with torch.no_grad():
+        ref = t(**x).sample
+        for _, m in attention._sd3_attention_modules(t):
+            m.norm_q = m.norm_k = None
+            if hasattr(m, "norm_added_q"):
+                m.norm_added_q = m.norm_added_k = None
+        attention.set_attention(t, "sdpa")
+        out = t(**x).sample
+    assert _rel(out, ref) > 100 * TOL
+
+
+def test_kernel_choice_on_cpu():
+    kernel, why = attention.resolve_kernel("auto", "cpu", torch.float32)
+    assert kernel == "sdpa" and "CPU" in why
+    assert attention.resolve_kernel("sdpa", "cpu", torch.float32)[0] == "sdpa"
+    with pytest.raises(sd3plugin.ConfigError, match=r"attention=fa4 cannot run: FA4 needs a CUDA GPU.*attention=auto"):
+        attention.resolve_kernel("fa4", "cpu", torch.float32)
+    with pytest.raises(sd3plugin.ConfigError, match="attention='flash3' is not valid; choose one of: auto, sdpa, fa4"):
+        sd3plugin.config.compose(None, ["attention=flash3"])
+
+
+def test_attention_fa4_on_cpu_is_a_config_error_and_loses_nothing(tiny_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    procs = [type(m.processor) for _, m in attention._sd3_attention_modules(pipe.transformer)]
+    with pytest.raises(sd3plugin.ConfigError, match="attention=fa4"):
+        sd3plugin.optimize(pipe, overrides=["attention=fa4", "device=cpu"])
+    assert [type(m.processor) for _, m in attention._sd3_attention_modules(pipe.transformer)] == procs
+    assert not hasattr(pipe.transformer.transformer_blocks[0].attn, "to_qkv")
+    assert sd3plugin.report(pipe) == {"optimized": False}
+
+
+@pytest.mark.gpu
+def test_fa4_matches_sdpa_on_gpu():
+    if attention.fa4_unavailable("cuda", torch.float16):
+        pytest.skip(attention.fa4_unavailable("cuda", torch.float16))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4429, 24, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    ref = attention._attend("sdpa", q, k, v)
+    out = attention.fa4_attention(q, k, v)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert _rel(out.float(), ref.float()) < 2e-3
+    compiled = torch.compile(lambda a, b, c: attention.fa4_attention(a, b, c) * 2)
+    assert _rel(compiled(q, k, v).float(), 2 * ref.float()) < 2e-3
