@@ -4,7 +4,7 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | speed | dynamic | sd35 | cache | quant   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | speed | dynamic | sd35 | cache | quant   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
 # Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
 # $OUT/<section>/ and are copied to docs/benchmarks/<section>/ by hand after review.
@@ -51,8 +51,8 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
    $cache warm --json --no-progress --cache-dir "$ci" --resolutions 1024x1024 $ovs > "$work/warm.json"
    $cache pack --json --cache-dir "$ci" -o "$arc" > "$work/pack.json"
    $cache install --json "$arc" --cache-dir "$serve" > "$work/install.json"
-   $cache verify --json --cold --cache-dir "$serve" $ovs > "$work/verify_cold.json"
-   $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_warm.json"
+   [ -n "${SKIP_COLD:-}" ] || $cache verify --json --cold --cache-dir "$serve" $ovs > "$work/verify_cold.json"
+   SD3PLUGIN_VERIFY_PROFILE=$dir/profile_warm.txt $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_warm.json"
   ) > "$dir/log.txt" 2>&1
   echo "cache $mode: exit $?; archive $(du -h "$arc" | cut -f1)"
   python3 - "$work" "$dir" <<'PY'
@@ -78,6 +78,17 @@ section() {
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
       python3 -c 'import torch, triton, diffusers; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), triton.__version__, diffusers.__version__)'
       ;;
+    attn)  # attention kernels alone at SD3-medium's shape
+      mkdir -p "$OUT/attn"; (cd /tmp && python3 "$OLDPWD/scripts/attn_bench.py" --out "$OUT/attn/attn.json") 2>&1 | tail -12
+      ;;
+    fa4)  # the attention kernel inside the whole step: sdpa (cuDNN) against FlashAttention-4, fastest mode
+      run fa4 $COMMON bench.cache_warmup=false \
+        "bench.variants='max-speed+sdpa=mode=max-speed attention=sdpa; max-speed+fa4=mode=max-speed attention=fa4'"
+      ;;
+    fa4quant)
+      run fa4quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
+        "bench.variants='fp8+sdpa=mode=max-speed quant=fp8_e4m3_e4m3_dynamic attention=sdpa; fp8+fa4=mode=max-speed quant=fp8_e4m3_e4m3_dynamic attention=fa4'"
+      ;;
     speed)  # eager against the mode presets at 1024x1024 (compile caches cold per variant)
       run speed $COMMON bench.cache_warmup=false \
         "bench.variants='default=mode=default; default+cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs; none+cudagraphs=mode.spec=cudagraphs'"
@@ -99,12 +110,12 @@ section() {
       run quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
         "bench.variants='fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-speed quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=max-speed quant=int8_dynamic'"
       ;;
-    *) echo "unknown section $1 (env speed dynamic sd35 cache quant all)"; return 2 ;;
+    *) echo "unknown section $1 (env attn fa4 fa4quant speed dynamic sd35 cache quant all)"; return 2 ;;
   esac
 }
 
 [ $# -eq 0 ] && set -- all
-[ "$1" = all ] && set -- env speed dynamic sd35 cache quant
+[ "$1" = all ] && set -- env attn speed dynamic sd35 cache quant
 status=0
 for s in "$@"; do section "$s" || status=1; done
 exit $status
