@@ -150,16 +150,24 @@ def _sd3_attention_modules(transformer):
     return [(name, m) for name, m in transformer.named_modules() if isinstance(m, Attention)]
 
 
-def _share_storage(fused: torch.nn.Linear, parts: list[torch.nn.Linear]) -> None:
-    """Make the separate projections views of the fused one: fusing costs no extra memory, and the
-    state dict keeps its keys and values."""
+def _fused_linear(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
+    """One Linear holding ``parts`` stacked; the parts become views of it, so fusing costs no memory and
+    the state dict keeps its keys and values. Built on the meta device: no random init of a big matrix."""
+    grad = parts[0].weight.requires_grad
+    w = torch.cat([p.weight.detach() for p in parts])
+    b = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+    fused = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+    fused.weight = torch.nn.Parameter(w, requires_grad=grad)
+    if b is not None:
+        fused.bias = torch.nn.Parameter(b, requires_grad=grad)
     start = 0
     for lin in parts:
         n = lin.weight.shape[0]
-        lin.weight = torch.nn.Parameter(fused.weight.data[start:start + n], requires_grad=False)
-        if lin.bias is not None:
-            lin.bias = torch.nn.Parameter(fused.bias.data[start:start + n], requires_grad=False)
+        lin.weight = torch.nn.Parameter(w[start:start + n], requires_grad=grad)
+        if b is not None:
+            lin.bias = torch.nn.Parameter(b[start:start + n], requires_grad=grad)
         start += n
+    return fused
 
 
 def fuse_projections(transformer) -> bool:
@@ -169,11 +177,10 @@ def fuse_projections(transformer) -> bool:
     for _, m in _sd3_attention_modules(transformer):
         if getattr(m, "to_qkv", None) is not None or getattr(m, "is_cross_attention", False):
             continue
-        with torch.no_grad():
-            m.fuse_projections()
-        _share_storage(m.to_qkv, [m.to_q, m.to_k, m.to_v])
-        if getattr(m, "to_added_qkv", None) is not None:
-            _share_storage(m.to_added_qkv, [m.add_q_proj, m.add_k_proj, m.add_v_proj])
+        m.to_qkv = _fused_linear([m.to_q, m.to_k, m.to_v])
+        if getattr(m, "add_q_proj", None) is not None:
+            m.to_added_qkv = _fused_linear([m.add_q_proj, m.add_k_proj, m.add_v_proj])
+        m.fused_projections = True
         fused = True
     return fused
 
