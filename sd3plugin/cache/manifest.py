@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 # Config keys that change what gets compiled (run settings such as prompt, steps or seed do not).
 COMPILE_KEYS = ("model", "backend", "mode", "memory_format", "dynamic", "quant", "backend_options",
-                "fuse_qkv", "compile_vae", "device", "dtype")
+                "fuse_qkv", "attention", "compile_vae", "device", "dtype")
 # Environment keys that must match for compiled artefacts to load; the rest only warn.
 REQUIRED_MATCH = ("torch", "triton", "python", "machine", "cuda", "gpu_capability")
 WARN_MATCH = ("gpu", "cudnn", "diffusers", "sd3plugin")
