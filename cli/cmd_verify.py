@@ -47,6 +47,10 @@ def run(args) -> int:
             f"{result['import_seconds']:.2f} s, load {result['load_seconds']:.2f} s, first image "
             f"{result['first_image_seconds']:.2f} s); fresh compilations {result['fresh_compilations']}, "
             f"cache hits {result['fxgraph_cache_hit']} FX graphs / {result['autograd_cache_hit']} AOTAutograd")
+    if result.get("coordesc_tuning_benchmarks"):
+        text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
+                 "tuning ran again (inductor does not keep all of them in its cache; a mode without "
+                 "max-optimize avoids them)")
     if code:
         text += "\n" + result["error"]
     emit(args, {**result, "exit_code": code}, text)

@@ -199,8 +199,13 @@ def linear_modules(transformer) -> dict[str, torch.nn.Module]:
 
 
 def _uses_fused(attn) -> bool:
-    """True when the attention module runs its fused projections (diffusers keeps the originals)."""
-    return "Fused" in type(getattr(attn, "processor", None)).__name__
+    """True when the attention module runs its fused projections (the originals stay as modules)."""
+    from .attention import SD3AttnProcessor
+
+    proc = getattr(attn, "processor", None)
+    if isinstance(proc, SD3AttnProcessor):  # sd3plugin's processor runs to_qkv whenever it exists
+        return getattr(attn, "to_qkv", None) is not None
+    return "Fused" in type(proc).__name__
 
 
 def _map_fused(name: str, available: dict) -> str:
