@@ -27,8 +27,8 @@ def render(rep: dict) -> str:
     v, gpu = rep["versions"], rep["gpu"]
     lines = ["sd3plugin doctor", "", "versions:"]
     for key in ("python", "torch", "triton", "cuda", "cudnn", "diffusers", "transformers", "huggingface-hub",
-                "onediff", "onediffx", "nexfort", "torchao", "sd3plugin"):
-        lines.append(f"  {key:<16} {v.get(key) if v.get(key) is not None else '-'}")
+                "onediff", "onediffx", "nexfort", "torchao", "flash-attn-4", "nvidia-cutlass-dsl", "sd3plugin"):
+        lines.append(f"  {key:<19} {v.get(key) if v.get(key) is not None else '-'}")
     if gpu["available"]:
         lines.append(f"gpu: {gpu['name']} (x{gpu['count']}), compute capability {gpu['capability']}, "
                      f"fp8 {'yes' if gpu['fp8'] else 'no (needs >= 8.9)'}")
@@ -40,6 +40,7 @@ def render(rep: dict) -> str:
             continue
         lines.append(f"  {name:<9} {'usable' if info['usable'] else 'NOT usable'}: {info['reason']}")
     lines.append(f"  {'auto':<9} -> {rep['backends']['auto']['chooses']} ({rep['backends']['auto']['reason']})")
+    lines.append(f"attention: auto -> {rep['attention']['auto_chooses']} ({rep['attention']['reason']})")
     cache = rep["cache"]
     lines.append(f"cache dir: {cache['dir']} ({human_size(cache['size_bytes']) if cache['exists'] else 'not created yet'})")
     misplaced = rep["nexfort_layout"]["misplaced"]

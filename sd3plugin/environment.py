@@ -64,7 +64,7 @@ def versions() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": cudnn}
     for name in ("triton", "diffusers", "transformers", "huggingface-hub", "onediff", "onediffx", "nexfort",
-                 "torchao", "sd3plugin"):
+                 "torchao", "flash-attn-4", "nvidia-cutlass-dsl", "sd3plugin"):
         info[name] = dist_version(name)
     return info
 
@@ -276,6 +276,17 @@ def backends_usable(plan) -> dict:
     return out
 
 
+def attention_choice(plan) -> dict:
+    """What ``attention=auto`` picks on this machine (fp16 weights assumed on CUDA) and why."""
+    import torch
+
+    from .attention import resolve_kernel
+
+    dtype = torch.float16 if plan.device == "cuda" else torch.float32
+    kernel, reason = resolve_kernel("auto", plan.device, dtype)
+    return {"auto_chooses": kernel, "reason": reason}
+
+
 def report(cfg) -> dict:
     """Everything ``sd3plugin-cache doctor`` shows, as a dict (its --json output)."""
     from .optimize import make_plan
@@ -286,6 +297,7 @@ def report(cfg) -> dict:
         "versions": versions(),
         "gpu": gpu_info(),
         "backends": backends_usable(plan),
+        "attention": attention_choice(plan),
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
                   "size_bytes": directory_size(cache) if cache.is_dir() else 0},
         "nexfort_layout": {"misplaced": [str(m.target) for m in misplaced_nexfort_modules()],
