@@ -115,11 +115,14 @@ def test_doctor_reports_versions_gpu_backends_and_cache(tmp_path):
     assert rep["backends"]["nexfort"]["reason"] == environment.nexfort_status()[1]
     assert rep["backends"]["auto"]["chooses"] in ("nexfort", "inductor")
     assert rep["cache"] == {"dir": str(cache), "exists": True, "size_bytes": 5000}
+    if not torch.cuda.is_available():
+        assert rep["attention"] == {"auto_chooses": "sdpa", "reason": "auto: sdpa (FA4 needs a CUDA GPU (this run is on CPU))"}
 
     text = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", "doctor", f"cache_dir={cache}"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0, text.stderr
-    for needle in (f"torch            {torch.__version__}", "nexfort", "backends:", "auto      -> ",
+    for needle in (f"torch               {torch.__version__}", "nexfort", "backends:", "auto      -> ",
+                   f"attention: auto -> {rep['attention']['auto_chooses']}",
                    f"cache dir: {cache} (4.9 KiB)"):
         assert needle in text.stdout
 
