@@ -39,7 +39,10 @@ def _fa4_func():
     return flash_attn_func
 
 
-@torch.library.custom_op("sd3plugin::fa4_attention", mutates_args=())
+# The schema is spelled out: with postponed annotations (this module's __future__ import) torch 2.4, the
+# nexfort stack, cannot infer it from the signature.
+@torch.library.custom_op("sd3plugin::fa4_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v) -> Tensor")
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal attention over (batch, seq, heads, head_dim) tensors, softmax scale 1/sqrt(head_dim)."""
     out = _fa4_func()(q, k, v)
