@@ -24,7 +24,7 @@ built=$(date +%s)
 # The main package on the old stack, with nexfort switched off so backend=auto means inductor as the
 # tests expect (the nexfort-marked tests cover auto=nexfort). NEXFORT_CI_MAIN_TESTS: subset (default,
 # about 3.5 min), all (the whole suite, about 6.5 min), 0 (none).
-MAIN_SUBSET="tests/test_config.py tests/test_hook.py tests/test_doctor.py tests/test_backend_auto.py tests/test_compile.py tests/test_app.py tests/test_cache_warm.py"
+MAIN_SUBSET="tests/test_config.py tests/test_attention.py tests/test_hook.py tests/test_doctor.py tests/test_backend_auto.py tests/test_compile.py tests/test_app.py tests/test_cache_warm.py"
 case "${NEXFORT_CI_MAIN_TESTS:-subset}" in
     subset) SD3PLUGIN_DISABLE_NEXFORT=1 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 $MAIN_SUBSET ;;
     all) SD3PLUGIN_DISABLE_NEXFORT=1 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 tests \
