@@ -4,7 +4,7 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | attn | speed | dynamic | sd35 | cache | quant   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | fa4 | fa4quant | speed | dynamic | sd35 | cache | warmtrace | quant   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
 # attn, fa4, fa4quant and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
 # GPU machine). Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
@@ -106,12 +106,25 @@ section() {
     cache)  # issue 4: warm a cache, pack it, install it into an empty dir, verify (each a fresh process)
       for m in ${CACHE_MODES:-default max-speed}; do cache_flow "$m"; done
       ;;
+    warmtrace)  # issue 4: warm a cache, then trace the warm start without and with SD3PLUGIN_KEEP_COORDESC=1
+      local m=$SD3PLUGIN_CACHE_DIR/models/sd3-medium-float16 d=/root/cache-trace repo=$PWD
+      mkdir -p "$OUT/warmtrace"; rm -rf "$d"
+      [ -f "$m/model_index.json" ] || (cd /tmp && python3 -c "
+from sd3plugin.config import compose; from sd3plugin.pipeline import model_path
+print(model_path(compose(None, ['model=sd3-medium'])))")
+      (cd /tmp && python3 -m sd3plugin.cli.cache warm --json --no-progress --cache-dir "$d" \
+          --resolutions 1024x1024 model="$m" mode=${TRACE_MODE:-default} > "$OUT/warmtrace/warm.json" 2>&1
+       python3 "$repo/scripts/warm_start_trace.py" "$OUT/warmtrace/trace.json" model="$m" \
+          mode=${TRACE_MODE:-default} cache_dir="$d" 2>&1 | tail -3
+       SD3PLUGIN_KEEP_COORDESC=1 python3 "$repo/scripts/warm_start_trace.py" "$OUT/warmtrace/trace_keep.json" \
+          model="$m" mode=${TRACE_MODE:-default} cache_dir="$d" 2>&1 | tail -3)
+      ;;
     quant)
       # bfloat16 for all: torchao's per-row fp8 takes bfloat16 weights; eager bf16 is the baseline.
       run quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
         "bench.variants='fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-speed quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=max-speed quant=int8_dynamic'"
       ;;
-    *) echo "unknown section $1 (env attn fa4 fa4quant speed dynamic sd35 cache quant all)"; return 2 ;;
+    *) echo "unknown section $1 (env attn fa4 fa4quant speed dynamic sd35 cache warmtrace quant all)"; return 2 ;;
   esac
 }
 

@@ -15,14 +15,18 @@ _MISSING = object()
 
 def _resolve(path: str):
     """'cuda.matmul.allow_tf32' -> (torch.backends.cuda.matmul, 'allow_tf32'); 'dynamo.x' -> dynamo config;
-    'package.module:attr' -> (that module, 'attr')."""
+    'package.module:attr' -> (that module, 'attr'); 'package.module:Class.attr' -> (that class, 'attr')."""
     import torch
 
     if ":" in path:
         import importlib
 
         module, attr = path.split(":", 1)
-        return importlib.import_module(module), attr
+        obj = importlib.import_module(module)
+        *owners, attr = attr.split(".")
+        for part in owners:
+            obj = getattr(obj, part)
+        return obj, attr
     head, _, attr = path.rpartition(".")
     if head.startswith("dynamo"):
         import torch._dynamo

@@ -48,7 +48,10 @@ def activate(cache_dir: str | Path) -> dict:
     # when asked. Missing switches (older torch) are skipped.
     GLOBAL_SETTINGS.set_flag("torch._inductor.config:fx_graph_cache", True)
     GLOBAL_SETTINGS.set_flag("torch._functorch.config:enable_autograd_cache", True)
-    info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"])}
+    from .coordesc import install as keep_coordesc
+
+    info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"]),
+            "keep_coordesc": keep_coordesc()}  # experimental, SD3PLUGIN_KEEP_COORDESC=1 (coordesc.py)
     from .megacache import load_entries
 
     loaded = load_entries(paths["root"])

@@ -155,7 +155,8 @@ def _child(payload: dict) -> dict:
             "first_image_seconds": round(t3 - t2, 3), "model_build_seconds": round(build, 3),
             "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
             "status": rep.get("status"), "error": rep.get("error"), "backend": rep.get("backend"),
-            "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"), **counters}
+            "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"),
+            "keep_coordesc": rep.get("keep_coordesc", False), **counters}
 
 
 def _write_profile(profiler, path: str) -> None:
