@@ -197,16 +197,24 @@ def unfuse_projections(transformer) -> None:
         m.fused_projections = False
 
 
+# Processors SD3AttnProcessor computes exactly; any other (IP-Adapter, PAG, a user's own) is left in place.
+REPLACEABLE = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "SD3AttnProcessor")
+
+
 def set_attention(transformer, kernel: str):
-    """Install SD3AttnProcessor(kernel) on every attention module; return a callable that undoes it."""
-    originals = {name: m.processor for name, m in _sd3_attention_modules(transformer)}
+    """Install SD3AttnProcessor(kernel) where the module runs one of diffusers' joint processors (others,
+    such as IP-Adapter's, stay); return a callable that puts the original processors back."""
+    originals = {name: m.processor for name, m in _sd3_attention_modules(transformer)
+                 if type(m.processor).__name__ in REPLACEABLE}
     proc = SD3AttnProcessor(kernel)
-    for _, m in _sd3_attention_modules(transformer):
-        m.set_processor(proc)
+    for name, m in _sd3_attention_modules(transformer):
+        if name in originals:
+            m.set_processor(proc)
 
     def undo():
         for name, m in _sd3_attention_modules(transformer):
             if name in originals:
                 m.set_processor(originals[name])
 
+    undo.replaced = len(originals)  # how many attention modules run the chosen kernel
     return undo

@@ -177,6 +177,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         if cfg.fuse_qkv:
             report["fused_qkv"] = attention.fuse_projections(transformer)
         undo_attention = attention.set_attention(transformer, kernel)
+        report["attention"]["modules"] = undo_attention.replaced
     try:  # after fusing: quantized weights cannot be concatenated, so the fused to_qkv gets quantized
         report["quant"] = quantize(transformer, cfg.quant, plan.device, backend=backend.name)
     except Exception:

@@ -105,3 +105,25 @@ def test_fa4_matches_sdpa_on_gpu():
     assert _rel(out.float(), ref.float()) < 2e-3
     compiled = torch.compile(lambda a, b, c: attention.fa4_attention(a, b, c) * 2)
     assert _rel(compiled(q, k, v).float(), 2 * ref.float()) < 2e-3
+
+
+def test_other_processors_are_left_in_place():
+    """A processor sd3plugin does not reproduce (IP-Adapter's, a user's own) keeps running, with its inputs."""
+    t = _transformer("tiny")
+
+    class Custom:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
+            return JointAttnProcessor2_0()(attn, hidden_states, encoder_hidden_states)
+
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    custom = Custom()
+    t.transformer_blocks[1].attn.set_processor(custom)
+    attention.fuse_projections(t)
+    undo = attention.set_attention(t, "sdpa")
+    assert undo.replaced == 1
+    assert t.transformer_blocks[1].attn.processor is custom
+    assert isinstance(t.transformer_blocks[0].attn.processor, attention.SD3AttnProcessor)
+    undo()
+    assert t.transformer_blocks[1].attn.processor is custom
+    assert type(t.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"

@@ -179,6 +179,7 @@ def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
     assert pipe.transformer.transformer_blocks[0].attn2 is not None  # dual attention block
     assert rep["fused_qkv"] is True
     assert rep["attention"]["kernel"] == "sdpa" and "CPU" in rep["attention"]["reason"]
+    assert rep["attention"]["modules"] == 3  # two joint attentions and block 0's second (MMDiT-X) one
     attn = pipe.transformer.transformer_blocks[0].attn
     assert attn.to_qkv.weight.data_ptr() == attn.to_q.weight.data_ptr()  # views: no extra memory
     out = pipe(**tiny_call(output_type="pt", num_inference_steps=2)).images
