@@ -325,7 +325,9 @@ def quantize(transformer, qcfg, device: str, backend: str = "inductor") -> dict:
         library = f"torchao {_torchao_version()}"
         from torchao.quantization import quantize_
 
-        wanted = set(selected)
+        # The separate projections of a fused one are views of its weight: quantizing only the fused
+        # module would keep the 16-bit storage alive through them, so they are quantized too (not run).
+        wanted = set(selected) | set(_fused_originals(transformer, selected))
         quantize_(transformer, tech.torchao_config(), filter_fn=lambda mod, fqn: fqn in wanted)
     after = dict(transformer.named_modules())
     done = [n for n in selected if _is_quantized_module(after[n])]
@@ -337,6 +339,18 @@ def quantize(transformer, qcfg, device: str, backend: str = "inductor") -> dict:
              qcfg.type, library, len(done), len(linears), how)
     return {"type": qcfg.type, "description": tech.description, "library": library, "selection": how, "modules": done,
             "skipped": dict(sorted(skipped.items())), "num_linear": len(linears)}
+
+
+def _fused_originals(transformer, selected: list[str]) -> list[str]:
+    """The unfused projections standing behind the selected fused ones (``to_q`` for ``to_qkv``...)."""
+    mods = dict(transformer.named_modules())
+    out = []
+    for leaf, fused in _FUSED.items():
+        for name in selected:
+            parent, _, last = name.rpartition(".")
+            if last == fused and f"{parent}.{leaf}" in mods:
+                out.append(f"{parent}.{leaf}")
+    return out
 
 
 def _quantize_nexfort(transformer, tech: QuantTechnique, selected: list[str]) -> str:

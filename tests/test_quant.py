@@ -300,6 +300,9 @@ def test_int8_dynamic_then_regional_compile_dynamic_shapes(tiny_path, cache_dir,
     expected = sorted(n.replace("attn.to_q", "attn.to_qkv") for n in DEFAULT_INT8
                       if not n.endswith(("attn.to_k", "attn.to_v")))
     assert sorted(rep["quant"]["modules"]) == expected
+    attn = pipe.transformer.transformer_blocks[0].attn
+    # the separate projections are views of the fused weight: quantized too, so no 16-bit copy stays alive
+    assert all(quant._is_quantized(getattr(attn, n).weight) for n in ("to_qkv", "to_q", "to_k", "to_v"))
     out = pipe(**tiny_call()).images
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 1
