@@ -4,7 +4,7 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | attn | fa4 | fa4quant | speed | dynamic | sd35 | cache | warmtrace | quant   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | fa4 | fa4quant | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
 # attn, fa4, fa4quant and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
 # GPU machine). Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
@@ -53,22 +53,29 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
    $cache pack --json --cache-dir "$ci" -o "$arc" > "$work/pack.json"
    $cache install --json "$arc" --cache-dir "$serve" > "$work/install.json"
    [ -n "${SKIP_COLD:-}" ] || $cache verify --json --cold --cache-dir "$serve" $ovs > "$work/verify_cold.json"
-   SD3PLUGIN_VERIFY_PROFILE=$dir/profile_warm.txt $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_warm.json"
+   if [ -n "${PROFILE:-}" ]; then export SD3PLUGIN_VERIFY_PROFILE=$dir/profile_warm.txt; fi
+   $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_warm.json"
+   unset SD3PLUGIN_VERIFY_PROFILE
+   # the experimental coordinate-descent fix, and a cold start without the FA4 prewarm child
+   [ -z "${KEEP_TOO:-}" ] || SD3PLUGIN_KEEP_COORDESC=1 $cache verify --json --cache-dir "$serve" $ovs > "$work/verify_keep.json"
+   [ -z "${COLD_NOPREWARM:-}" ] || SD3PLUGIN_FA4_PREWARM=0 $cache verify --json --cold --cache-dir "$serve" $ovs > "$work/verify_cold_noprewarm.json"
   ) > "$dir/log.txt" 2>&1
   echo "cache $mode: exit $?; archive $(du -h "$arc" | cut -f1)"
   python3 - "$work" "$dir" <<'PY'
 import json, sys, pathlib
 d, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 allr = {}
-for name in ("warm", "pack", "install", "verify_cold", "verify_warm"):
+for name in ("warm", "pack", "install", "verify_cold", "verify_warm", "verify_keep", "verify_cold_noprewarm"):
     try:
         r = allr[name] = json.loads((d / f"{name}.json").read_text())
     except Exception as exc:
         print(name, "no JSON:", exc); continue
     keys = [k for k in ("seconds", "elapsed_seconds", "size_bytes", "files", "time_to_first_image_seconds",
                         "load_seconds", "first_image_seconds", "fresh_compilations", "fxgraph_cache_hit", "ok",
-                        "exit_code", "error") if k in r]
+                        "exit_code", "error", "attention", "keep_coordesc") if k in r]
     print(name, {k: r[k] for k in keys})
+    for shape in r.get("shapes", []) if isinstance(r.get("shapes"), list) else []:
+        print("   ", {k: v for k, v in shape.items() if not isinstance(v, (dict, list))})
 (out / "cache.json").write_text(json.dumps(allr, indent=2))
 PY
 }
@@ -124,7 +131,15 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       run quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
         "bench.variants='fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic; fp8_tensor=mode=max-speed quant=fp8_e4m3_e4m3_dynamic_per_tensor; int8=mode=max-speed quant=int8_dynamic'"
       ;;
-    *) echo "unknown section $1 (env attn fa4 fa4quant speed dynamic sd35 cache warmtrace quant all)"; return 2 ;;
+    quantrest)  # the presets the first quant run did not reach (its time limit): fp8 weight-only, int8
+      run quantrest $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
+        "bench.variants='fp8_weightonly=mode=max-speed quant=fp8_e4m3_e4m3_weightonly; int8=mode=max-speed quant=int8_dynamic'"
+      ;;
+    vae)  # end to end: compiled VAE decoder on top of the fastest transformer setting
+      run vae $COMMON bench.cache_warmup=false bench.quality=false \
+        "bench.variants='max-speed+fa4+vae=mode=max-speed attention=fa4 compile_vae=true'"
+      ;;
+    *) echo "unknown section $1 (env attn fa4 fa4quant speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
   esac
 }
 

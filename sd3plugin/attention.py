@@ -22,6 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import fa4_prewarm
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
@@ -45,6 +46,7 @@ def _fa4_func():
                          schema="(Tensor q, Tensor k, Tensor v) -> Tensor")
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal attention over (batch, seq, heads, head_dim) tensors, softmax scale 1/sqrt(head_dim)."""
+    fa4_prewarm.wait_pending()  # a child compiling this kernel: load its result instead of compiling again
     out = _fa4_func()(q, k, v)
     return out[0] if isinstance(out, tuple) else out
 
@@ -52,6 +54,14 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 @fa4_attention.register_fake
 def _(q, k, v):
     return torch.empty_like(q)
+
+
+def fa4_cache_dir() -> str | None:
+    """Where the imported flash-attn-4 keeps compiled kernels on disk (None: in memory only). It reads
+    FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED/DIR once, at import."""
+    from flash_attn.cute import cache_utils
+
+    return cache_utils.CUTE_DSL_CACHE_DIR if cache_utils.CUTE_DSL_CACHE_ENABLED else None
 
 
 def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:

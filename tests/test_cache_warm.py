@@ -125,3 +125,16 @@ def test_activate_loads_an_installed_cache_once_per_process(shipped):
     first = activate(root)["cache"]
     assert len(first["megacache_loaded"]) == 1 and first["artifacts"].get("inductor", 0) > 0
     assert activate(root)["cache"]["megacache_loaded"] == []
+
+
+def test_verify_cold_compiles_from_scratch_and_leaves_the_installed_cache_alone(shipped, capsys):
+    """--cold is the reference for the warm start: an empty cache dir (inductor, Triton, FA4) in its place."""
+    root, _, _, _, model_folder = shipped
+    before = sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    code, data, text = _cli(capsys, "verify", "--cold", "--cache-dir", str(root), "--json",
+                            f"model={model_folder}", *RUN)
+    assert code == 0, text
+    assert data["cold"] and data["fresh_compilations"] > 0 and data["fxgraph_cache_hit"] == 0
+    assert not data["cache"]["megacache_loaded"] and not data["cache"]["installed_archive"]
+    after = sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    assert after == before
