@@ -1,5 +1,6 @@
-"""SD3PLUGIN_KEEP_COORDESC: a single-config kernel gets its cached coordinate-descent config (fakes: the
-real path needs a GPU); torch's method comes back on restore."""
+"""Keeping coordinate-descent results (sd3plugin/cache/coordesc.py, on unless SD3PLUGIN_KEEP_COORDESC=0): a
+single-config kernel gets its cached coordinate-descent config, also from an entry written by the other
+graph's copy of the kernel (fakes: the real path needs a GPU); torch's method comes back on restore."""
 from __future__ import annotations
 
 import types
@@ -25,12 +26,15 @@ def _autotuner(configs, meta=None):
     return t
 
 
+CACHE = object()  # stands for torch's AutotuneCache of the kernel's file
+
+
 def _check(best):
     calls = []
 
     def check_autotune_cache(configs, filename, meta):
         calls.append((configs, filename))
-        return ([best] if best is not None else configs), None, {}
+        return ([best] if best is not None else configs), CACHE, {}
     return check_autotune_cache, calls
 
 
@@ -55,15 +59,54 @@ def test_left_alone(case):
     assert [r.config for r in t.compile_results] == configs
 
 
-def test_install_only_when_asked_and_restored(monkeypatch):
+def test_entry_of_the_other_graphs_copy_is_used_when_torch_misses():
+    """torch's lookup misses (entry written with the other copy's candidate-list hash): the entry is read."""
+    start, tuned = Cfg("start"), Cfg("tuned", coordesc=True)
+    t = _autotuner([start])
+    check, _ = _check(None)
+    seen = []
+
+    def load_entry(cache, config, meta):
+        seen.append((cache, config))
+        return tuned
+    assert coordesc.apply_cached_coordesc(t, lambda: types.SimpleNamespace(fn="k"), check, load_entry) is True
+    assert seen == [(CACHE, start)] and [r.config for r in t.compile_results] == [tuned]
+    t = _autotuner([start])
+    assert coordesc.apply_cached_coordesc(t, lambda: None, check, lambda *a: None) is False
+    assert [r.config for r in t.compile_results] == [start]
+
+
+def test_load_entry_any_hash_reads_only_coordesc_entries(monkeypatch):
+    import torch._inductor.runtime.autotune_cache as ac
+
+    calls = []
+
+    def fake_load(best, configs_hash, configs, meta):
+        calls.append((dict(best), configs_hash, configs))
+        cfg = Cfg("rebuilt")
+        cfg.found_by_coordesc = best.get("found_by_coordesc", False)
+        best.clear()  # torch pops keys: the cache's own dict must not be touched
+        return cfg
+    monkeypatch.setattr(ac, "_load_cached_autotuning", fake_load)
+    entry = {"XBLOCK": 128, "num_warps": 4, "num_stages": 1, "configs_hash": "other", "found_by_coordesc": True}
+    cache = types.SimpleNamespace(_read=lambda: entry)
+    best = coordesc.load_entry_any_hash(cache, "start", {"coordinate_descent_tuning": True})
+    assert best.name == "rebuilt" and calls == [(entry, "other", ["start"])] and entry["XBLOCK"] == 128
+    plain = types.SimpleNamespace(_read=lambda: dict(entry, found_by_coordesc=False))
+    assert coordesc.load_entry_any_hash(plain, "start", {}) is None  # autotune results are torch's business
+    assert coordesc.load_entry_any_hash(types.SimpleNamespace(_read=lambda: None), "start", {}) is None
+    assert coordesc.load_entry_any_hash(types.SimpleNamespace(), "start", {}) is None  # another torch's API
+
+
+def test_installed_by_default_off_with_env_and_restored(monkeypatch):
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
     if not hasattr(CachingAutotuner, "recheck_autotune_cache"):
         pytest.skip("this torch has no CachingAutotuner.recheck_autotune_cache (before 2.8)")
     original = CachingAutotuner.recheck_autotune_cache
-    monkeypatch.delenv(coordesc.ENV, raising=False)
+    monkeypatch.setenv(coordesc.ENV, "0")
     assert coordesc.install() is False and CachingAutotuner.recheck_autotune_cache is original
-    monkeypatch.setenv(coordesc.ENV, "1")
+    monkeypatch.delenv(coordesc.ENV)
     try:
         assert coordesc.install() is True
         wrapped = CachingAutotuner.recheck_autotune_cache

@@ -51,7 +51,7 @@ def activate(cache_dir: str | Path) -> dict:
     from .coordesc import install as keep_coordesc
 
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"]),
-            "keep_coordesc": keep_coordesc()}  # experimental, SD3PLUGIN_KEEP_COORDESC=1 (coordesc.py)
+            "keep_coordesc": keep_coordesc()}  # cached coordinate-descent configs kept (coordesc.py)
     from .megacache import load_entries
 
     loaded = load_entries(paths["root"])

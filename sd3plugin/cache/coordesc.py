@@ -1,16 +1,20 @@
-"""Experimental: keep coordinate-descent tuning results across processes (``SD3PLUGIN_KEEP_COORDESC=1``).
+"""Keep coordinate-descent tuning results across processes (on by default; ``SD3PLUGIN_KEEP_COORDESC=0`` off).
 
-What it works around (torch 2.11, read from its source and seen in scripts/warm_start_trace.py on the
-H100): Triton kernels that come back from the FX-graph cache are rebuilt by
-``CachingAutotuner.recheck_autotune_cache``, which applies a cached best config only when the kernel has
+What it works around (torch 2.11, read from its source and measured with scripts/warm_start_trace.py and
+``sd3plugin-cache verify`` on the H100): Triton kernels that come back from the FX-graph cache are rebuilt
+by ``CachingAutotuner.recheck_autotune_cache``, which applies a cached best config only when the kernel has
 several candidate configs. A kernel with one config whose cached best config was found by
 coordinate-descent tuning (the ``max-optimize`` token) keeps its untuned config, so the first call of every
-new process tunes it again: about 6.5 s of SD3-medium's 13.7 s warm first image.
+new process tunes it again. Measured (SD3-medium, 1024x1024, installed cache, fresh process): first image
+22.9 s -> 7.4 s for ``mode=max-speed``, 18.2 s -> 10.8 s for ``mode=default``.
 
 ``install()`` wraps that method: after torch's own check, a single-config kernel whose cache entry was
 found by coordinate descent is compiled with that config (marked ``found_by_coordesc``), so it is not
-tuned again. Recorded in GLOBAL_SETTINGS, so ``sd3plugin.disable()`` restores torch's method.
-Not on by default: its effect has not been measured on a GPU yet (docs/benchmarks/README.md).
+tuned again. A second case: the same kernel source used by both compiled graphs (blocks 0-22 and the last
+block) shares one cache entry, written with the candidate-list hash of whichever copy was tuned last, so
+torch's lookup misses for the other copy and tunes it again at every start (7 kernels of SD3-medium); an
+entry found by coordinate descent for the same kernel source is a valid config for it, so it is used too.
+Recorded in GLOBAL_SETTINGS, so ``sd3plugin.disable()`` restores torch's method.
 """
 from __future__ import annotations
 
@@ -23,19 +27,45 @@ ENV = "SD3PLUGIN_KEEP_COORDESC"
 TARGET = "torch._inductor.runtime.triton_heuristics:CachingAutotuner.recheck_autotune_cache"
 
 
-def apply_cached_coordesc(autotuner, reload_kernel_from_src, check_autotune_cache) -> bool:
+def cached_coordesc_config(config, check_autotune_cache, filename, inductor_meta, load_entry=None):
+    """The coordinate-descent config cached for this kernel source, or None."""
+    cached, cache, _ = check_autotune_cache([config], filename, inductor_meta)
+    if len(cached) == 1 and getattr(cached[0], "found_by_coordesc", False):
+        return cached[0]
+    if cache is None or load_entry is None:
+        return None
+    return load_entry(cache, config, inductor_meta)  # written by the other graph's copy of this kernel
+
+
+def load_entry_any_hash(cache, config, inductor_meta):
+    """A coordinate-descent entry of ``cache`` whatever candidate list it was written for (torch 2.11's
+    private AutotuneCache API; None where it differs)."""
+    try:
+        from torch._inductor.runtime.autotune_cache import _load_cached_autotuning
+
+        raw = cache._read()
+        if not raw or not raw.get("found_by_coordesc"):
+            return None
+        best = _load_cached_autotuning(dict(raw), raw.get("configs_hash"), [config], inductor_meta)
+    except (AttributeError, ImportError, TypeError, KeyError, ValueError):
+        return None
+    return best if getattr(best, "found_by_coordesc", False) else None
+
+
+def apply_cached_coordesc(autotuner, reload_kernel_from_src, check_autotune_cache, load_entry=None) -> bool:
     """Give ``autotuner`` its cached coordinate-descent config where torch left it out; True if it did."""
     results = getattr(autotuner, "compile_results", None) or []
     if len(results) != 1 or getattr(results[0].config, "found_by_coordesc", False):
         return False
     if not autotuner.inductor_meta.get("coordinate_descent_tuning"):
         return False
-    cached, _, _ = check_autotune_cache([results[0].config], autotuner.filename, autotuner.inductor_meta)
-    if len(cached) != 1 or not getattr(cached[0], "found_by_coordesc", False):
+    best = cached_coordesc_config(results[0].config, check_autotune_cache, autotuner.filename,
+                                  autotuner.inductor_meta, load_entry)
+    if best is None:
         return False
     if autotuner.fn.fn is None:  # compiled in a worker: the parent reloads the kernel source first
         autotuner.fn = reload_kernel_from_src().fn
-    autotuner.compile_results = [autotuner._precompile_config(cached[0])]
+    autotuner.compile_results = [autotuner._precompile_config(best)]
     return True
 
 
@@ -45,15 +75,16 @@ def _wrap(original):
     @functools.wraps(original)
     def recheck_autotune_cache(self, reload_kernel_from_src):
         original(self, reload_kernel_from_src)
-        apply_cached_coordesc(self, reload_kernel_from_src, check_autotune_cache)
+        apply_cached_coordesc(self, reload_kernel_from_src, check_autotune_cache, load_entry_any_hash)
 
     recheck_autotune_cache.sd3plugin_original = original
     return recheck_autotune_cache
 
 
 def install(force: bool = False) -> bool:
-    """Wrap torch's method when ``SD3PLUGIN_KEEP_COORDESC=1`` (or ``force``); False where torch lacks it."""
-    if not (force or os.environ.get(ENV) == "1"):
+    """Wrap torch's method (unless ``SD3PLUGIN_KEEP_COORDESC=0`` and not ``force``); False where it is not
+    installed (turned off, or a torch without the method)."""
+    if not force and os.environ.get(ENV, "1") == "0":
         return False
     try:
         from torch._inductor.runtime.triton_heuristics import CachingAutotuner
