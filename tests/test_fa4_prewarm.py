@@ -42,6 +42,52 @@ def test_turned_off_by_its_environment_variable(tmp_path, monkeypatch):
     assert status["state"].startswith("off") and fa4_prewarm._PENDING == []
 
 
+def _tiny_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**ARCHITECTURES["tiny"].transformer).eval()
+
+
+def test_optimize_starts_the_prewarm_for_the_configured_run(tmp_path, monkeypatch):
+    """Where attention resolves to fa4, optimize() hands the run's attention shape to the prewarm and puts its
+    status in the report (CPU: the kernel choice and the child are stand-ins)."""
+    import sd3plugin
+
+    fa4_dir = str(tmp_path / "inductor" / "fa4")
+    started = []
+    monkeypatch.setattr(attention, "resolve_kernel", lambda name, device, dtype: ("fa4", "test: fa4"))
+    monkeypatch.setattr(attention, "fa4_cache_dir", lambda: fa4_dir)
+    monkeypatch.setattr(fa4_prewarm, "start", lambda d, shapes, dtype, index: started.append((d, shapes))
+                        or {"state": "running (stand-in)"})
+    t = _tiny_transformer()
+    sd3plugin.optimize(t, overrides=[f"cache_dir={tmp_path}", "device=cpu", "backend=inductor", "height=256",
+                                     "width=128", "num_images=3"])
+    try:
+        # tiny: patch 2 x VAE 8 = 16 px a token: 16 x 8 image tokens + 333 text tokens; CFG doubles 3 images
+        assert started == [(fa4_dir, [(6, 16 * 8 + 333, 4, 8)])]
+        assert sd3plugin.report(t)["attention"]["prewarm"] == {"state": "running (stand-in)"}
+    finally:
+        sd3plugin.undo(t)
+        sd3plugin.disable()
+
+
+def test_no_prewarm_when_fa4_keeps_its_kernels_elsewhere(tmp_path, monkeypatch):
+    """flash-attn-4 imported before sd3plugin set its cache dir: a child's kernel would not be found."""
+    import sd3plugin
+
+    monkeypatch.setattr(attention, "resolve_kernel", lambda name, device, dtype: ("fa4", "test: fa4"))
+    monkeypatch.setattr(attention, "fa4_cache_dir", lambda: "/somewhere/else")
+    monkeypatch.setattr(fa4_prewarm, "start", lambda *a: pytest.fail("no child expected"))
+    t = _tiny_transformer()
+    sd3plugin.optimize(t, overrides=[f"cache_dir={tmp_path}", "device=cpu", "backend=inductor"])
+    try:
+        state = sd3plugin.report(t)["attention"]["prewarm"]["state"]
+        assert state.startswith("skipped") and "/somewhere/else" in state
+    finally:
+        sd3plugin.undo(t)
+        sd3plugin.disable()
+
+
 def _job(code: str) -> fa4_prewarm.Prewarm:
     status: dict = {}
     return fa4_prewarm.Prewarm([sys.executable, "-c", code], status)
