@@ -98,6 +98,22 @@ def test_load_entry_any_hash_reads_only_coordesc_entries(monkeypatch):
     assert coordesc.load_entry_any_hash(types.SimpleNamespace(), "start", {}) is None  # another torch's API
 
 
+def test_a_failure_of_the_fix_leaves_torchs_result(monkeypatch):
+    """The wrapper never breaks loading a kernel: torch's own recheck result stands if the fix raises."""
+    import torch._inductor.runtime.triton_heuristics as th
+
+    done = []
+    wrapped = coordesc._wrap(lambda self, reload: done.append("torch"))
+
+    def broken(*args):
+        raise RuntimeError("private API changed")
+    monkeypatch.setattr(coordesc, "apply_cached_coordesc", broken)
+    t = _autotuner([Cfg("start")])
+    wrapped(t, lambda: None)
+    assert done == ["torch"] and [r.config.name for r in t.compile_results] == ["start"]
+    assert th.check_autotune_cache  # the wrapper looked it up from torch
+
+
 def test_installed_by_default_off_with_env_and_restored(monkeypatch):
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 

@@ -19,10 +19,12 @@ Recorded in GLOBAL_SETTINGS, so ``sd3plugin.disable()`` restores torch's method.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 from ..global_settings import GLOBAL_SETTINGS
 
+log = logging.getLogger("sd3plugin")
 ENV = "SD3PLUGIN_KEEP_COORDESC"
 TARGET = "torch._inductor.runtime.triton_heuristics:CachingAutotuner.recheck_autotune_cache"
 
@@ -47,7 +49,7 @@ def load_entry_any_hash(cache, config, inductor_meta):
         if not raw or not raw.get("found_by_coordesc"):
             return None
         best = _load_cached_autotuning(dict(raw), raw.get("configs_hash"), [config], inductor_meta)
-    except (AttributeError, ImportError, TypeError, KeyError, ValueError):
+    except (AttributeError, ImportError, TypeError, KeyError, ValueError, OSError):
         return None
     return best if getattr(best, "found_by_coordesc", False) else None
 
@@ -75,7 +77,11 @@ def _wrap(original):
     @functools.wraps(original)
     def recheck_autotune_cache(self, reload_kernel_from_src):
         original(self, reload_kernel_from_src)
-        apply_cached_coordesc(self, reload_kernel_from_src, check_autotune_cache, load_entry_any_hash)
+        try:
+            apply_cached_coordesc(self, reload_kernel_from_src, check_autotune_cache, load_entry_any_hash)
+        except Exception as exc:  # an optimization only: never let it break loading a kernel
+            log.debug("sd3plugin: cached coordinate-descent config not applied to %s: %s",
+                      getattr(self, "filename", "?"), exc)
 
     recheck_autotune_cache.sd3plugin_original = original
     return recheck_autotune_cache
