@@ -1,4 +1,6 @@
-"""Attention kernels at SD3's shapes on this GPU: cuDNN, flash (FA2), efficient SDPA and FlashAttention-4.
+"""Attention kernels at SD3's shapes on this GPU: cuDNN, flash (FA2), efficient SDPA and FlashAttention-4,
+plus SageAttention 1 (int8 Q.K^T, 16-bit P.V; Triton) where it is installed: a candidate for faster and
+8-bit attention on Hopper, not yet measured (`pip download --no-deps sageattention==1.0.6 -d .whl` carries it).
 
     python scripts/attn_bench.py [--out attn.json]
 
@@ -54,6 +56,7 @@ def main() -> None:
             "flash (FA2)": lambda: _sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt),
             "efficient": lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt),
             "fa4": lambda: attention.fa4_attention(q, k, v),
+            "sage (int8 QK)": lambda: _sage(q, k, v),
         }
         for name, fn in kernels.items():
             row = {"kernel": name, "dtype": str(dtype).replace("torch.", "")}
@@ -73,6 +76,12 @@ def main() -> None:
             results["rows"].append(row)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+
+
+def _sage(q, k, v):
+    from sageattention import sageattn  # ImportError is reported as this kernel's result
+
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
 def _sdpa(backend, q, k, v):
