@@ -41,17 +41,29 @@ def run(args) -> int:
         if not hasattr(exc, "result"):
             raise
         result, code = {**exc.result, "error": str(exc)}, EXIT["compiled"]
-    s = result["shape"]
-    text = (f"{'COLD' if args.cold else 'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
-            f"time to first image {result['time_to_first_image_seconds']:.2f} s (import "
-            f"{result['import_seconds']:.2f} s, load {result['load_seconds']:.2f} s, first image "
-            f"{result['first_image_seconds']:.2f} s); fresh compilations {result['fresh_compilations']}, "
-            f"cache hits {result['fxgraph_cache_hit']} FX graphs / {result['autograd_cache_hit']} AOTAutograd")
-    if result.get("coordesc_tuning_benchmarks"):
-        text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
-                 "tuning ran again (inductor does not keep all of them in its cache; a mode without "
-                 "max-optimize avoids them)")
+    text = summary(result, args.cold, code)
     if code:
         text += "\n" + result["error"]
     emit(args, {**result, "exit_code": code}, text)
     return code
+
+
+def summary(result: dict, cold: bool, code: int) -> str:
+    """verify's one-line text output."""
+    s = result["shape"]
+    text = (f"{'COLD' if cold else 'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
+            f"time to first image {result['time_to_first_image_seconds']:.2f} s (import "
+            f"{result['import_seconds']:.2f} s, load {result['load_seconds']:.2f} s, first image "
+            f"{result['first_image_seconds']:.2f} s); fresh compilations {result['fresh_compilations']}, "
+            f"cache hits {result['fxgraph_cache_hit']} FX graphs / {result['autograd_cache_hit']} AOTAutograd")
+    att = result.get("attention") or {}
+    if att.get("kernel"):
+        text += f"; attention {att['kernel']}"
+        if isinstance(att.get("prewarm"), dict) and att["prewarm"].get("state"):
+            text += f" (FA4 prewarm: {att['prewarm']['state']})"
+    if result.get("coordesc_tuning_benchmarks"):
+        why = ("the cached configs are not reused: SD3PLUGIN_KEEP_COORDESC=0" if not result.get("keep_coordesc")
+               else "kernels whose tuned config the cache did not hold")
+        text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
+                 f"tuning ran again ({why}; a mode without max-optimize avoids them)")
+    return text

@@ -289,6 +289,7 @@ def attention_choice(plan) -> dict:
 
 def report(cfg) -> dict:
     """Everything ``sd3plugin-cache doctor`` shows, as a dict (its --json output)."""
+    from .cache import coordesc
     from .optimize import make_plan
 
     plan = make_plan(cfg)
@@ -299,7 +300,8 @@ def report(cfg) -> dict:
         "backends": backends_usable(plan),
         "attention": attention_choice(plan),
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
-                  "size_bytes": directory_size(cache) if cache.is_dir() else 0},
+                  "size_bytes": directory_size(cache) if cache.is_dir() else 0,
+                  "keep_coordesc": os.environ.get(coordesc.ENV, "1") != "0"},
         "nexfort_layout": {"misplaced": [str(m.target) for m in misplaced_nexfort_modules()],
                            "target": _codegen_target()},
         "licence_key_set": bool(os.environ.get(LICENCE_ENV)),

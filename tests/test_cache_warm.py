@@ -138,3 +138,19 @@ def test_verify_cold_compiles_from_scratch_and_leaves_the_installed_cache_alone(
     assert not data["cache"]["megacache_loaded"] and not data["cache"]["installed_archive"]
     after = sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
     assert after == before
+
+
+def test_verify_text_names_the_attention_kernel_and_why_tuning_ran_again():
+    from sd3plugin.cli.cmd_verify import summary
+
+    result = {"shape": {"width": 1024, "height": 1024, "batch_size": 1}, "time_to_first_image_seconds": 27.9,
+              "import_seconds": 11.0, "load_seconds": 9.3, "first_image_seconds": 7.4, "fresh_compilations": 0,
+              "fxgraph_cache_hit": 2, "autograd_cache_hit": 2, "keep_coordesc": True,
+              "attention": {"kernel": "fa4", "prewarm": {"state": "skipped: the FA4 cache already holds compiled kernels"}}}
+    text = summary(result, cold=False, code=0)
+    assert text.startswith("OK: 1024x1024 batch 1, time to first image 27.90 s")
+    assert "attention fa4 (FA4 prewarm: skipped: the FA4 cache already holds compiled kernels)" in text
+    assert "coordinate-descent" not in text
+    text = summary({**result, "coordesc_tuning_benchmarks": 40, "keep_coordesc": False}, cold=False, code=5)
+    assert text.startswith("COMPILED:") and "40 Triton kernel benchmarks" in text
+    assert "SD3PLUGIN_KEEP_COORDESC=0" in text

@@ -1,6 +1,7 @@
 """`sd3plugin-cache doctor`: what it reports, and `--fix` on a fake nexfort install with the
 0.1.dev330 wheel's layout (extension modules at the top of site-packages, onediff#1189)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -97,8 +98,9 @@ def test_doctor_reports_versions_gpu_backends_and_cache(tmp_path):
     cache = tmp_path / "cache"
     (cache / "inductor").mkdir(parents=True)
     (cache / "inductor" / "blob").write_bytes(b"x" * 5000)
+    env = {k: v for k, v in os.environ.items() if k != "SD3PLUGIN_KEEP_COORDESC"}
     proc = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", "doctor", "--json", f"cache_dir={cache}"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     import torch
@@ -114,17 +116,20 @@ def test_doctor_reports_versions_gpu_backends_and_cache(tmp_path):
     assert rep["backends"]["nexfort"]["usable"] == environment.nexfort_status()[0]
     assert rep["backends"]["nexfort"]["reason"] == environment.nexfort_status()[1]
     assert rep["backends"]["auto"]["chooses"] in ("nexfort", "inductor")
-    assert rep["cache"] == {"dir": str(cache), "exists": True, "size_bytes": 5000}
+    assert rep["cache"] == {"dir": str(cache), "exists": True, "size_bytes": 5000, "keep_coordesc": True}
     if not torch.cuda.is_available():
         assert rep["attention"] == {"auto_chooses": "sdpa", "reason": "auto: sdpa (FA4 needs a CUDA GPU (this run is on CPU))"}
 
     text = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", "doctor", f"cache_dir={cache}"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert text.returncode == 0, text.stderr
     for needle in (f"torch               {torch.__version__}", "nexfort", "backends:", "auto      -> ",
                    f"attention: auto -> {rep['attention']['auto_chooses']}",
-                   f"cache dir: {cache} (4.9 KiB)"):
+                   f"cache dir: {cache} (4.9 KiB)", "coordinate-descent configs reused at warm starts: yes"):
         assert needle in text.stdout
+    off = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", "doctor", f"cache_dir={cache}"],
+                         capture_output=True, text=True, timeout=300, env={**env, "SD3PLUGIN_KEEP_COORDESC": "0"})
+    assert "coordinate-descent configs reused at warm starts: no" in off.stdout, off.stderr
 
 
 @pytest.mark.parametrize("capability, fp8", [((8, 0), False), ((8, 9), True), ((9, 0), True)])
