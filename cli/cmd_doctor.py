@@ -43,9 +43,10 @@ def render(rep: dict) -> str:
     lines.append(f"attention: auto -> {rep['attention']['auto_chooses']} ({rep['attention']['reason']})")
     cache = rep["cache"]
     lines.append(f"cache dir: {cache['dir']} ({human_size(cache['size_bytes']) if cache['exists'] else 'not created yet'})")
-    lines.append("  coordinate-descent configs reused at warm starts: " + (
-        "yes (SD3PLUGIN_KEEP_COORDESC=0 turns it off)" if cache["keep_coordesc"]
-        else "no (SD3PLUGIN_KEEP_COORDESC=0): kernels are tuned again in every process"))
+    lines.append("  coordinate-descent configs reused at warm starts: " + {
+        "on": "yes (SD3PLUGIN_KEEP_COORDESC=0 turns it off)",
+        "off": "no (SD3PLUGIN_KEEP_COORDESC=0): kernels are tuned again in every process",
+    }.get(cache["keep_coordesc"], "torch's own caching (this torch has no CachingAutotuner.recheck_autotune_cache)"))
     misplaced = rep["nexfort_layout"]["misplaced"]
     if misplaced:
         lines.append(f"nexfort layout: {len(misplaced)} extension module(s) missing (onediff#1189): "

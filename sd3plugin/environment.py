@@ -301,7 +301,7 @@ def report(cfg) -> dict:
         "attention": attention_choice(plan),
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
                   "size_bytes": directory_size(cache) if cache.is_dir() else 0,
-                  "keep_coordesc": os.environ.get(coordesc.ENV, "1") != "0"},
+                  "keep_coordesc": coordesc.state()},
         "nexfort_layout": {"misplaced": [str(m.target) for m in misplaced_nexfort_modules()],
                            "target": _codegen_target()},
         "licence_key_set": bool(os.environ.get(LICENCE_ENV)),

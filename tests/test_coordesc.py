@@ -114,6 +114,16 @@ def test_a_failure_of_the_fix_leaves_torchs_result(monkeypatch):
     assert th.check_autotune_cache  # the wrapper looked it up from torch
 
 
+def test_state_follows_the_environment(monkeypatch):
+    if not coordesc._has_recheck():
+        assert coordesc.state() == "n/a"
+        return
+    monkeypatch.delenv(coordesc.ENV, raising=False)
+    assert coordesc.state() == "on"
+    monkeypatch.setenv(coordesc.ENV, "0")
+    assert coordesc.state() == "off"
+
+
 def test_installed_by_default_off_with_env_and_restored(monkeypatch):
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 

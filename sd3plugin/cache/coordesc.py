@@ -87,6 +87,21 @@ def _wrap(original):
     return recheck_autotune_cache
 
 
+def _has_recheck() -> bool:
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return False
+    return hasattr(CachingAutotuner, "recheck_autotune_cache")
+
+
+def state() -> str:
+    """``on``, ``off`` (``SD3PLUGIN_KEEP_COORDESC=0``) or ``n/a`` (a torch without the method it fixes)."""
+    if not _has_recheck():
+        return "n/a"
+    return "off" if os.environ.get(ENV, "1") == "0" else "on"
+
+
 def install(force: bool = False) -> bool:
     """Wrap torch's method (unless ``SD3PLUGIN_KEEP_COORDESC=0`` and not ``force``); False where it is not
     installed (turned off, or a torch without the method)."""
