@@ -1,6 +1,8 @@
 """Attention kernels at SD3's shapes on this GPU: cuDNN, flash (FA2), efficient SDPA and FlashAttention-4,
-plus SageAttention 1 (int8 Q.K^T, 16-bit P.V; Triton) where it is installed: a candidate for faster and
-8-bit attention on Hopper, not yet measured (`pip download --no-deps sageattention==1.0.6 -d .whl` carries it).
+sd3plugin's 8-bit kernels (`attention=int8`: int8 Q.K^T, 16-bit P.V; `attention=int8_fp8`: int8 Q.K^T, fp8
+P.V; Triton; timed with their quantization compiled by torch.compile, as in the model, and the kernel alone),
+plus SageAttention 1 (int8 Q.K^T, 16-bit P.V; Triton) where it is installed
+(`pip download --no-deps sageattention==1.0.6 -d .whl` carries it).
 
     python scripts/attn_bench.py [--out attn.json]
 
@@ -11,6 +13,7 @@ Errors are relative to the math backend in fp32.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -40,7 +43,10 @@ def main() -> None:
     ap.add_argument("--out", default="attn.json")
     ap.add_argument("--tokens", type=int, default=4096 + 333)
     args = ap.parse_args()
-    from sd3plugin import attention
+    from sd3plugin import attention, quantized_attention as qa
+
+    quant16 = torch.compile(functools.partial(qa.quantize_qkv, pv="16bit"))
+    quant8 = torch.compile(functools.partial(qa.quantize_qkv, pv="fp8"))
 
     B, S, H, D = 2, args.tokens, 24, 64
     flops = 4 * B * H * S * S * D
@@ -57,7 +63,13 @@ def main() -> None:
             "efficient": lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt),
             "fa4": lambda: attention.fa4_attention(q, k, v),
             "sage (int8 QK)": lambda: _sage(q, k, v),
+            "int8 (sd3plugin)": lambda: qa.int8_attention_op(*quant16(q, k, v), dtype),
+            "int8_fp8 (sd3plugin)": lambda: qa.int8_attention_op(*quant8(q, k, v), dtype),
         }
+        pre16, pre8 = quant16(q, k, v), quant8(q, k, v)
+        kernels["int8 kernel only"] = lambda: qa.attention_quantized(*pre16, dtype)
+        kernels["int8_fp8 kernel only"] = lambda: qa.attention_quantized(*pre8, dtype)
+        kernels["quantize (compiled) only, fp8 P.V"] = lambda: quant8(q, k, v)[0]
         for name, fn in kernels.items():
             row = {"kernel": name, "dtype": str(dtype).replace("torch.", "")}
             try:
@@ -65,13 +77,17 @@ def main() -> None:
                 out = fn()
                 torch.cuda.synchronize()
                 row["first_call_s"] = round(time.perf_counter() - t0, 3)
-                if out.shape != ref.shape:
-                    out = out.transpose(1, 2)
-                row["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+                if out.shape == ref.shape or out.transpose(1, 2).shape == ref.shape:
+                    if out.shape != ref.shape:
+                        out = out.transpose(1, 2)
+                    row["rel_err"] = float((out.float() - ref).norm() / ref.norm())
                 ms = timed(fn)
                 row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
             except Exception as exc:  # a kernel that does not run here is a result too
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            best = getattr(qa._kernel(True), "best_config", None) if "sd3plugin" in name else None
+            if best is not None:
+                row["triton_config"] = str(best)
             print(row, flush=True)
             results["rows"].append(row)
     with open(args.out, "w") as f:

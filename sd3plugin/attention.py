@@ -9,7 +9,9 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
 - ``fa4``: FlashAttention-4's CuTe kernels (package ``flash-attn-4``; Hopper and Blackwell GPUs), called
   through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
 - ``auto``: ``fa4`` where it can run (CUDA, compute capability 9.x/10.x, fp16/bf16, package importable),
-  else ``sdpa``; the reason goes into ``report(pipe)["attention"]``.
+  else ``sdpa``; the reason goes into ``report(pipe)["attention"]``;
+- ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
+  ``sd3plugin.quantized_attention``. Quantization: opt-in, never picked by ``auto``.
 
 ``set_attention(transformer, kernel)`` installs the processor on every SD3 attention module and returns
 an undo callable that puts the original processors back.
@@ -17,16 +19,18 @@ an undo callable that puts the original processors back.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from . import fa4_prewarm
+from . import fa4_prewarm, quantized_attention
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
-KERNELS = ("auto", "sdpa", "fa4")
+KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
 FA4_INSTALL = 'pip install "sd3plugin[fa4]" (flash-attn-4 and nvidia-cutlass-dsl)'
 
 
@@ -81,12 +85,35 @@ def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
     return None
 
 
+def int8_unavailable(kernel: str, device: str, dtype: torch.dtype | None) -> str | None:
+    """Why the 8-bit kernel ``kernel`` cannot run here (None if it can)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return f"attention={kernel} needs a CUDA GPU (this run is on CPU)"
+    need = (8, 9) if kernel == "int8_fp8" else (8, 0)
+    cap = torch.cuda.get_device_capability()
+    if cap < need:
+        return (f"attention={kernel} needs compute capability {need[0]}.{need[1]} or newer; "
+                f"{torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"attention={kernel} takes float16/bfloat16 tensors, the transformer is {str(dtype).replace('torch.', '')}"
+    if importlib.util.find_spec("triton") is None:
+        return f"attention={kernel} needs Triton (pip install triton)"
+    return None
+
+
 def resolve_kernel(name: str, device: str, dtype: torch.dtype | None) -> tuple[str, str]:
     """(kernel, reason) for ``attention=name``; ConfigError for an unknown name or an fa4 that cannot run."""
     if name not in KERNELS:
         raise ConfigError(f"attention={name!r} is not a kernel; valid: {', '.join(KERNELS)}")
     if name == "sdpa":
         return "sdpa", "attention=sdpa (torch's scaled_dot_product_attention)"
+    if name in PV_OF:
+        why = int8_unavailable(name, device, dtype)
+        if why:
+            alt = "attention=int8 or attention=auto" if name == "int8_fp8" and "capability" in why else "attention=auto"
+            raise ConfigError(f"{why}. Use {alt}")
+        pv = "fp8" if name == "int8_fp8" else "16-bit"
+        return name, f"attention={name} (8-bit attention: int8 Q.K^T, {pv} P.V; Triton)"
     why = fa4_unavailable(device, dtype)
     if name == "fa4":
         if why:
@@ -104,6 +131,8 @@ def _attend(kernel: str, q, k, v):
     """q, k, v: (B, S, H, D) -> (B, S, H, D)."""
     if kernel == "fa4":
         return fa4_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if kernel in PV_OF:
+        return quantized_attention.attend(q, k, v, PV_OF[kernel])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
@@ -129,8 +158,8 @@ class SD3AttnProcessor:
     """Joint attention of SD3 / SD3.5 blocks with a selectable kernel (see module docstring)."""
 
     def __init__(self, kernel: str = "sdpa"):
-        if kernel not in ("sdpa", "fa4"):
-            raise ValueError(f"kernel must be 'sdpa' or 'fa4', got {kernel!r}")
+        if kernel not in KERNELS or kernel == "auto":
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS[1:])}, got {kernel!r}")
         self.kernel = kernel
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
