@@ -433,7 +433,14 @@ def variant_command_overrides(cfg) -> list[str]:
            f"quant={c['quant']['type']}", f"fuse_qkv={str(c['fuse_qkv']).lower()}",
            f"compile_vae={str(c['compile_vae']).lower()}", f"device={c['device']}", f"dtype={c['dtype']}",
            f"steps={c['steps']}", f"seed={c['seed']}", f"guidance_scale={c['guidance_scale']}",
-           f"num_images={c['num_images']}", "prompt=" + _quoted(c["prompt"])]
+           f"num_images={c['num_images']}", f"attention={c['attention']}", "prompt=" + _quoted(c["prompt"])]
+    q = c["quant"]
+    if q.get("submodules_config_path"):
+        ovs += ["quant.submodules_config_path=" + _quoted(q["submodules_config_path"]),
+                f"quant.top_percentage={q['top_percentage']}"]
+    for key in ("include", "exclude"):
+        if q.get(key):
+            ovs.append(f"quant.{key}=" + json.dumps(q[key]))
     if c.get("negative_prompt"):
         ovs.append("negative_prompt=" + _quoted(c["negative_prompt"]))
     if c.get("height"):

@@ -241,3 +241,17 @@ def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
     bench_mod.check_shared_dtype(compose(None, ["model=tiny", "device=cpu", "dtype=bfloat16"]),
                                  [("q", compose(None, ["model=tiny", "device=cpu", "dtype=bfloat16",
                                                        "quant=int8_dynamic"]), [])], "cpu")
+
+
+def test_variant_command_overrides_rebuild_the_config():
+    """A fresh process (cold start, shipped-cache start) must run exactly the variant: the overrides it is
+    given compose back to the same settings, attention kernel and quantization layer selection included."""
+    from sd3plugin.bench import variant_command_overrides
+    from sd3plugin.config import compose
+
+    cfg = compose(None, ["attention=sdpa", "quant=int8_dynamic", "quant.exclude=[proj_out,'*.ff_context.*']",
+                         "mode=max-speed", "negative_prompt='blurry, it\\'s dark'", "height=128", "width=192"])
+    again = compose(None, variant_command_overrides(cfg))
+    for key in ("attention", "backend", "fuse_qkv", "compile_vae", "negative_prompt", "height", "width"):
+        assert again[key] == cfg[key], key
+    assert again.quant == cfg.quant and again.mode.spec == cfg.mode.spec

@@ -69,29 +69,44 @@ def test_quantization_error_is_small_and_smoothing_is_exact():
     assert _rel(_reference(qd, kd, vd), ref) < 5e-2
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Triton's CPU interpreter for the kernel built during the test (and a fresh build afterwards)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    qa._kernel.cache_clear()
-    yield
-    qa._kernel.cache_clear()
-
-
-@needs_triton
-@pytest.mark.parametrize("seq", [200, 256])  # a partial last block of keys, and none
-def test_kernel_matches_reference_in_the_interpreter(interpreter, seq):
-    """The kernel (16-bit P.V; the interpreter's fp8 matmul is not exact) equals attention over the
-    dequantized tensors within 2e-3, and fp32 attention within 2e-2."""
+_INTERPRETED = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_quantized_attention import _qkv, _reference, _dequantized, _rel
+from sd3plugin import quantized_attention as qa
+rows = {{}}
+for seq in (200, 256):  # a partial last block of keys, and none
     q, k, v = _qkv(b=2, s=seq, h=2)
     out = qa.attention_quantized(*qa.quantize_qkv(q, k, v, "16bit"), torch.float16, block_m=64)
     assert out.shape == q.shape and out.dtype == torch.float16
-    assert _rel(out, _reference(*_dequantized(q, k, v, "16bit"))) < 2e-3
-    assert _rel(out, _reference(q, k, v)) < 2e-2
+    rows[seq] = [_rel(out, _reference(*_dequantized(q, k, v, "16bit"))), _rel(out, _reference(q, k, v))]
+print(json.dumps(rows))
+"""
+
+
+@needs_triton
+def test_kernel_matches_reference_in_the_interpreter():
+    """The kernel, run by Triton's CPU interpreter (a fresh process: Triton reads TRITON_INTERPRET when it
+    is imported), with 16-bit P.V (the interpreter's fp8 matmul is not exact): within 2e-3 of attention
+    over the dequantized tensors and within 2e-2 of fp32 attention, with and without a partial key block."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = _INTERPRETED.format(tests=str(pathlib.Path(__file__).parent))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(rows) == {"200", "256"}
+    for seq, (vs_dequantized, vs_fp32) in rows.items():
+        assert vs_dequantized < 2e-3 and vs_fp32 < 2e-2, (seq, vs_dequantized, vs_fp32)
 
 
 def test_kernel_choice_and_errors_on_cpu():
-    assert attention.KERNELS == ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+    assert attention.KERNELS == ("auto", "sdpa", "fa4", "fa4_bf16", "int8", "int8_fp8")
     for name in ("int8", "int8_fp8"):
         with pytest.raises(ConfigError, match=rf"attention={name} needs a CUDA GPU \(this run is on CPU\)"):
             attention.resolve_kernel(name, "cpu", torch.float16)
