@@ -129,8 +129,8 @@ def test_config_accepts_the_8bit_kernels():
 @pytest.mark.parametrize("kernel", ["int8", "int8_fp8"])
 def test_kernel_on_gpu_at_sd3_shape(kernel):
     """SD3-medium's attention (2 x 4429 tokens x 24 heads x 64), through the op the model calls: within
-    3e-2 (int8) / 6e-2 (int8_fp8) of fp32 on random inputs, and within 1e-2 of attention over the
-    dequantized tensors (what the kernel computes, up to rounding of P)."""
+    3e-2 (int8) / 6e-2 (int8_fp8) of fp32 on random inputs, and close to attention over the dequantized
+    tensors (what the kernel computes, up to its rounding of P: none for int8, e4m3 for int8_fp8)."""
     why = attention.int8_unavailable(kernel, "cuda", torch.float16)
     if why:
         pytest.skip(why)
@@ -139,7 +139,7 @@ def test_kernel_on_gpu_at_sd3_shape(kernel):
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     ref = _reference(q, k, v)
     assert _rel(out, ref) < (3e-2 if kernel == "int8" else 6e-2)
-    assert _rel(out, _reference(*_dequantized(q, k, v, attention.PV_OF[kernel]))) < 1e-2
+    assert _rel(out, _reference(*_dequantized(q, k, v, attention.PV_OF[kernel]))) < (1e-2 if kernel == "int8" else 4e-2)
     compiled = torch.compile(lambda a, b, c: qa.attend(a, b, c, attention.PV_OF[kernel]), fullgraph=True)
     assert _rel(compiled(q, k, v), out) < 1e-3
     assert math.isfinite(float(out.float().abs().max()))
