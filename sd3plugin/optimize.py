@@ -242,6 +242,8 @@ def _attention_kernel(cfg, plan, backend: str, transformer) -> tuple[str, str]:
         fa4_dir = cache.cache_paths(plan.cache_dir)["inductor"] / "fa4"
         GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
         GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(fa4_dir))
+        for flag, value in attention.fa4_cache_flags(str(fa4_dir)).items():  # FA4 imported already
+            GLOBAL_SETTINGS.set_flag(flag, value)
     return attention.resolve_kernel(cfg.attention, plan.device, transformer.dtype)
 
 

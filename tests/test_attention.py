@@ -133,3 +133,47 @@ def test_other_processors_are_left_in_place():
     undo()
     assert t.transformer_blocks[1].attn.processor is custom
     assert type(t.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
+
+
+def test_fa4_cache_follows_cache_dir_after_import(tmp_path, monkeypatch):
+    """flash-attn-4 fixes its kernel-cache folders at import; a second pipeline optimized in the same process
+    with another cache_dir (the benchmark's variants, whose first cache_dir is deleted) must get its own.
+    Stand-in modules with FA4's layout: the flags re-point every persistent cache, restore() undoes them."""
+    import sys
+    import types
+    from pathlib import Path
+
+    from sd3plugin.global_settings import GLOBAL_SETTINGS
+
+    first = tmp_path / "first"
+    utils = types.ModuleType("flash_attn.cute.cache_utils")
+    utils.CUTE_DSL_CACHE_ENABLED, utils.CUTE_DSL_CACHE_DIR = True, str(first)
+    iface = types.ModuleType("flash_attn.cute.interface")
+
+    def kernel():
+        pass
+
+    kernel.compile_cache = types.SimpleNamespace(cache_path=first / "fp123" / "fwd")
+    iface._flash_attn_fwd = kernel
+    iface.in_memory = types.SimpleNamespace(compile_cache=object())  # a cache without a folder: left alone
+    for name, mod in {"flash_attn": types.ModuleType("flash_attn"), "flash_attn.cute": types.ModuleType("x"),
+                      "flash_attn.cute.cache_utils": utils, "flash_attn.cute.interface": iface}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["flash_attn"].cute = sys.modules["flash_attn.cute"]
+    sys.modules["flash_attn.cute"].cache_utils, sys.modules["flash_attn.cute"].interface = utils, iface
+
+    second = tmp_path / "second"
+    flags = attention.fa4_cache_flags(str(second))
+    assert flags == {"flash_attn.cute.cache_utils:CUTE_DSL_CACHE_DIR": str(second),
+                     "flash_attn.cute.interface:_flash_attn_fwd.compile_cache.cache_path": second / "fp123" / "fwd"}
+    assert (second / "fp123" / "fwd").is_dir()
+    try:
+        for flag, value in flags.items():
+            GLOBAL_SETTINGS.set_flag(flag, value)
+        assert kernel.compile_cache.cache_path == second / "fp123" / "fwd"
+        assert attention.fa4_cache_dir() == str(second)
+    finally:
+        GLOBAL_SETTINGS.restore()
+    assert kernel.compile_cache.cache_path == Path(first / "fp123" / "fwd") and utils.CUTE_DSL_CACHE_DIR == str(first)
+    utils.CUTE_DSL_CACHE_ENABLED = False  # kernels kept in memory only: nothing to point anywhere
+    assert attention.fa4_cache_flags(str(second)) == {}

@@ -141,5 +141,6 @@ def test_kernel_on_gpu_at_sd3_shape(kernel):
     assert _rel(out, ref) < (3e-2 if kernel == "int8" else 6e-2)
     assert _rel(out, _reference(*_dequantized(q, k, v, attention.PV_OF[kernel]))) < (1e-2 if kernel == "int8" else 4e-2)
     compiled = torch.compile(lambda a, b, c: qa.attend(a, b, c, attention.PV_OF[kernel]), fullgraph=True)
-    assert _rel(compiled(q, k, v), out) < 1e-3
+    # compiled quantization may round a few borderline values the other way (one e4m3 step is 6%)
+    assert _rel(compiled(q, k, v), out) < (2e-3 if kernel == "int8" else 1e-2)
     assert math.isfinite(float(out.float().abs().max()))
