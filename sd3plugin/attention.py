@@ -8,8 +8,6 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (torch picks cuDNN / flash / efficient);
 - ``fa4``: FlashAttention-4's CuTe kernels (package ``flash-attn-4``; Hopper and Blackwell GPUs), called
   through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
-- ``fa4_bf16``: ``fa4`` run in bfloat16 for a float16 model (Q/K/V rounded to bfloat16 and the output
-  back: FA4's bf16 kernel is ~12% faster than its fp16 one on an H100); the same as ``fa4`` for bf16 models;
 - ``auto``: ``fa4`` where it can run (CUDA, compute capability 9.x/10.x, fp16/bf16, package importable),
   else ``sdpa``; the reason goes into ``report(pipe)["attention"]``;
 - ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
@@ -31,7 +29,7 @@ from . import fa4_prewarm, quantized_attention
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
-KERNELS = ("auto", "sdpa", "fa4", "fa4_bf16", "int8", "int8_fp8")
+KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
 PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
 FA4_INSTALL = 'pip install "sd3plugin[fa4]" (flash-attn-4 and nvidia-cutlass-dsl)'
 
@@ -127,7 +125,10 @@ def int8_unavailable(kernel: str, device: str, dtype: torch.dtype | None) -> str
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return f"attention={kernel} takes float16/bfloat16 tensors, the transformer is {str(dtype).replace('torch.', '')}"
     if importlib.util.find_spec("triton") is None:
-        return f"attention={kernel} needs Triton (pip install triton)"
+        return f"attention={kernel} needs Triton 3.6 or newer (pip install triton)"
+    version = quantized_attention.triton_version()
+    if version < (3, 6):
+        return f"attention={kernel} needs Triton 3.6 or newer (the version it is tested with); this is {version[0]}.{version[1]}"
     return None
 
 
@@ -145,12 +146,10 @@ def resolve_kernel(name: str, device: str, dtype: torch.dtype | None) -> tuple[s
         pv = "fp8" if name == "int8_fp8" else "16-bit"
         return name, f"attention={name} (8-bit attention: int8 Q.K^T, {pv} P.V; Triton)"
     why = fa4_unavailable(device, dtype)
-    if name in ("fa4", "fa4_bf16"):
+    if name == "fa4":
         if why:
-            raise ConfigError(f"attention={name} cannot run: {why}. Use attention=auto or attention=sdpa")
-        if name == "fa4_bf16" and dtype == torch.float16:
-            return name, "attention=fa4_bf16 (FlashAttention-4 in bfloat16 for this float16 model)"
-        return name, f"attention={name}"
+            raise ConfigError(f"attention=fa4 cannot run: {why}. Use attention=auto or attention=sdpa")
+        return "fa4", "attention=fa4"
     if why:
         return "sdpa", f"auto: sdpa ({why})"
     return "fa4", f"auto: fa4 (FlashAttention-4 on {torch.cuda.get_device_name()})"
@@ -163,9 +162,6 @@ def _attend(kernel: str, q, k, v):
     """q, k, v: (B, S, H, D) -> (B, S, H, D)."""
     if kernel == "fa4":
         return fa4_attention(q.contiguous(), k.contiguous(), v.contiguous())
-    if kernel == "fa4_bf16":
-        bf16 = torch.bfloat16
-        return fa4_attention(q.to(bf16).contiguous(), k.to(bf16).contiguous(), v.to(bf16).contiguous()).to(q.dtype)
     if kernel in PV_OF:
         return quantized_attention.attend(q, k, v, PV_OF[kernel])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

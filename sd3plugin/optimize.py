@@ -178,9 +178,8 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
             report["fused_qkv"] = attention.fuse_projections(transformer)
         undo_attention = attention.set_attention(transformer, kernel)
         report["attention"]["modules"] = undo_attention.replaced
-        if kernel in ("fa4", "fa4_bf16"):  # FA4's JIT compile runs in a child process while inductor compiles
-            dtype = torch.bfloat16 if kernel == "fa4_bf16" else transformer.dtype
-            report["attention"]["prewarm"] = _start_fa4_prewarm(cfg, plan, transformer, dtype)
+        if kernel == "fa4":  # FA4's JIT compile runs in a child process while inductor compiles
+            report["attention"]["prewarm"] = _start_fa4_prewarm(cfg, plan, transformer)
     try:  # after fusing: quantized weights cannot be concatenated, so the fused to_qkv gets quantized
         report["quant"] = quantize(transformer, cfg.quant, plan.device, backend=backend.name)
     except Exception:
@@ -247,14 +246,14 @@ def _attention_kernel(cfg, plan, backend: str, transformer) -> tuple[str, str]:
     return attention.resolve_kernel(cfg.attention, plan.device, transformer.dtype)
 
 
-def _start_fa4_prewarm(cfg, plan, transformer, dtype) -> dict:
+def _start_fa4_prewarm(cfg, plan, transformer) -> dict:
     shapes = fa4_prewarm.attention_shapes(transformer.config, cfg.height, cfg.width, cfg.num_images,
                                           cfg.guidance_scale > 1)
     fa4_dir = str(cache.cache_paths(plan.cache_dir)["inductor"] / "fa4")
     if attention.fa4_cache_dir() != fa4_dir:  # flash-attn-4 was imported before cache_dir was set
         return {"state": f"skipped: FA4 caches its kernels in {attention.fa4_cache_dir()}, not under cache_dir "
                          "(flash_attn.cute was imported before sd3plugin set its cache directory)"}
-    return fa4_prewarm.start(fa4_dir, shapes, dtype, transformer.device.index or 0)
+    return fa4_prewarm.start(fa4_dir, shapes, transformer.dtype, transformer.device.index or 0)
 
 
 def _attach(target, transformer, report: dict) -> None:

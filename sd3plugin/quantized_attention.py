@@ -63,6 +63,14 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "f
     return qi, q_scale, ki, k_scale, vt, v_scale
 
 
+def triton_version() -> tuple[int, int]:
+    """Triton's (major, minor); the kernel is tested with 3.6 (GPU) and 3.9 (CPU interpreter)."""
+    import triton
+
+    major, minor = (triton.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 @functools.lru_cache(maxsize=2)
 def _kernel(tuned: bool = True):
     """The Triton kernel, built on first use (importing this module needs no Triton); ``tuned`` wraps it in

@@ -16,7 +16,7 @@ ON_ERROR = ("fallback", "raise")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MEMORY_FORMATS = ("channels_last", "contiguous_format", "preserve")
-ATTENTION = ("auto", "sdpa", "fa4", "fa4_bf16", "int8", "int8_fp8")
+ATTENTION = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
 
 
 @dataclass
