@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import attention, cache, fa4_prewarm
+from . import attention, cache, fa4_prewarm, gelu_epilogue
 from .backends import CompilePlan, resolve_backend
 from .config import compose, parse_mode
 from .config.modes import torch_flags
@@ -145,7 +145,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         "optimized": True, "status": "eager", "backend": None, "backend_reason": None,
         "mode": {"name": cfg.mode.name, "spec": cfg.mode.spec, "tokens": list(plan.tokens)},
         "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
-        "quant": {"type": cfg.quant.type, "modules": []}, "compiled_modules": [], "fused_qkv": False,
+        "quant": {"type": cfg.quant.type, "modules": []}, "compiled_modules": [], "fused_qkv": False, "fused_gelu": 0,
         "attention": {"kernel": "diffusers", "reason": "backend=eager keeps diffusers' processors"},
         "error": None, "on_error": cfg.on_error,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -187,6 +187,10 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         if report["fused_qkv"]:
             attention.unfuse_projections(transformer)
         raise
+    undo_gelu = _no_op
+    if cfg.fuse_gelu and backend.name == "inductor" and plan.device == "cuda":  # after quantizing: plain weights only
+        undo_gelu = gelu_epilogue.fuse_gelu(transformer)
+        report["fused_gelu"] = undo_gelu.fused
     vae = getattr(target, "vae", None)
     fmt = _memory_format(plan.memory_format)
     if vae is not None and fmt is not None:
@@ -195,6 +199,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
     def undo_compile():
         backend.undo(transformer)
         undo_attention()  # a kernel that fails at its first call goes with the compilation
+        undo_gelu()
 
     try:
         info = backend.compile(transformer, plan)

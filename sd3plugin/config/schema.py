@@ -64,6 +64,7 @@ class SD3PluginConfig:
     # Extra options handed to the backend as they are (inductor config keys, nexfort options).
     backend_options: dict[str, Any] = field(default_factory=dict)
     fuse_qkv: bool = True
+    fuse_gelu: bool = True
     # Attention kernel of the optimized transformer: auto (FA4 where it runs, else sdpa) | sdpa | fa4.
     attention: str = "auto"
     compile_vae: bool = False
