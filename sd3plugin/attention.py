@@ -21,11 +21,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
-from . import fa4_prewarm, quantized_attention
+from . import fa4_prewarm, joint_attention, quantized_attention
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
@@ -188,14 +189,21 @@ def _project(attn, x, fused, names, norms):
 class SD3AttnProcessor:
     """Joint attention of SD3 / SD3.5 blocks with a selectable kernel (see module docstring)."""
 
-    def __init__(self, kernel: str = "sdpa"):
+    def __init__(self, kernel: str = "sdpa", joint: bool | None = None):
         if kernel not in KERNELS or kernel == "auto":
             raise ValueError(f"kernel must be one of {', '.join(KERNELS[1:])}, got {kernel!r}")
         self.kernel = kernel
+        # one op for projections + attention + output projections, no copies (sd3plugin.joint_attention);
+        # with FA4, which reads Q/K/V as strided views. On other kernels only for tests (it runs SDPA).
+        if joint is None:
+            joint = kernel == "fa4" and os.environ.get("SD3PLUGIN_JOINT_ATTENTION") != "0"
+        self.joint = joint
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
             raise ValueError("SD3 joint attention takes no attention_mask")
+        if self.joint and joint_attention.applies(attn, encoder_hidden_states):
+            return joint_attention.run(attn, hidden_states, encoder_hidden_states)
         n_img = hidden_states.shape[1]
         q, k, v = _project(attn, hidden_states, getattr(attn, "to_qkv", None), ("to_q", "to_k", "to_v"),
                            (attn.norm_q, attn.norm_k))
