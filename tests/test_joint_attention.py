@@ -29,6 +29,24 @@ def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
         compiled = torch.compile(t, fullgraph=True)
         assert _rel(compiled(**x).sample, ref) < TOL
 
+    # dynamic shapes, compiled per block as sd3plugin does: the op's fake takes symbolic token counts, so a
+    # new image size compiles nothing new (without the call counter: its list would be guarded on)
+    monkeypatch.undo()
+    block = t.transformer_blocks[0]
+    dim = t.config.num_attention_heads * t.config.attention_head_dim
+    g = torch.Generator().manual_seed(2)
+    c, temb = torch.randn(2, 7, dim, generator=g), torch.randn(2, dim, generator=g)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dyn = torch.compile(block, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for n in (64, 48, 32):
+            img = torch.randn(2, n, dim, generator=g)
+            ctx_out, img_out = dyn(img, c, temb)
+            ref_ctx, ref_img = block(img, c, temb)
+            assert _rel(img_out, ref_img) < TOL and _rel(ctx_out, ref_ctx) < TOL
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
 
 def test_joint_op_is_not_used_where_it_does_not_apply():
     """SD3.5's q/k norm, projections that are not fused: the ordinary path (same numbers as diffusers)."""
