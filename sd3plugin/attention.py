@@ -296,3 +296,11 @@ def set_attention(transformer, kernel: str):
 
     undo.replaced = len(originals)  # how many attention modules run the chosen kernel
     return undo
+
+
+def joint_op_modules(transformer) -> int:
+    """How many joint attentions run as one op (``sd3plugin.joint_attention``): SD3AttnProcessor with
+    ``joint`` on a module it applies to (fused, unquantized projections, no q/k norm)."""
+    return sum(1 for _, m in _sd3_attention_modules(transformer)
+               if isinstance(m.processor, SD3AttnProcessor) and m.processor.joint
+               and getattr(m, "added_kv_proj_dim", None) is not None and joint_attention.applies(m, True))

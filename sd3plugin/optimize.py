@@ -187,6 +187,8 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         if report["fused_qkv"]:
             attention.unfuse_projections(transformer)
         raise
+    if backend.name != "eager":  # after quantizing: quantized projections keep the ordinary path
+        report["attention"]["joint_op_modules"] = attention.joint_op_modules(transformer)
     undo_gelu = _no_op
     if cfg.fuse_gelu and backend.name == "inductor" and plan.device == "cuda":  # after quantizing: plain weights only
         undo_gelu = gelu_epilogue.fuse_gelu(transformer)

@@ -23,7 +23,7 @@ def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
         for _, m in attention._sd3_attention_modules(t):
             m.set_processor(attention.SD3AttnProcessor("sdpa", joint=True))
         out = t(**x).sample
-        assert len(calls) == len(t.transformer_blocks)
+        assert len(calls) == len(t.transformer_blocks) == attention.joint_op_modules(t)
         assert calls[-1].context_pre_only and not calls[0].context_pre_only
         assert _rel(out, ref) < TOL, _rel(out, ref)
         compiled = torch.compile(t, fullgraph=True)
@@ -60,6 +60,7 @@ def test_joint_op_is_not_used_where_it_does_not_apply():
         for _, m in attention._sd3_attention_modules(t):
             m.set_processor(attention.SD3AttnProcessor("sdpa", joint=True))
         assert _rel(t(**x).sample, ref) < TOL
+        assert attention.joint_op_modules(t) == 0
     plain = _transformer("tiny").transformer_blocks[0].attn
     assert not joint_attention.applies(plain, torch.zeros(1))  # projections not fused yet
     assert attention.SD3AttnProcessor("fa4").joint and not attention.SD3AttnProcessor("sdpa").joint
