@@ -13,20 +13,21 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
 - ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
   ``sd3plugin.quantized_attention``. Quantization: opt-in, never picked by ``auto``.
 
-``set_attention(transformer, kernel)`` installs the processor on every SD3 attention module and returns
-an undo callable that puts the original processors back.
+The processor runs an attention's fused projections (``to_qkv``, ``to_added_qkv``) only while
+``uses_fused(attn)`` says so (``sd3plugin.transforms.fuse_qkv`` keeps that exact: a LoRA on ``to_q`` makes the
+attention run its separate projections). ``sd3plugin.transforms.attention`` installs the processor.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
 from . import fa4_prewarm, joint_attention, quantized_attention
+from .compat import diffusers as dcompat
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
@@ -169,6 +170,14 @@ def _attend(kernel: str, q, k, v):
     return out.transpose(1, 2)
 
 
+FUSED_FLAG = "_sd3plugin_fused"
+
+
+def uses_fused(attn) -> bool:
+    """Whether ``attn`` runs its fused projections now (set by sd3plugin.transforms.fuse_qkv)."""
+    return bool(getattr(attn, FUSED_FLAG, False)) and getattr(attn, "to_qkv", None) is not None
+
+
 def _project(attn, x, fused, names, norms):
     """Q, K, V of ``x`` as (B, S, H, D), through one fused matmul where fused, q/k norms applied."""
     b = x.shape[0]
@@ -195,20 +204,19 @@ class SD3AttnProcessor:
         self.kernel = kernel
         # one op for projections + attention + output projections, no copies (sd3plugin.joint_attention);
         # with FA4, which reads Q/K/V as strided views. On other kernels only for tests (it runs SDPA).
-        if joint is None:
-            joint = kernel == "fa4" and os.environ.get("SD3PLUGIN_JOINT_ATTENTION") != "0"
-        self.joint = joint
+        self.joint = kernel == "fa4" if joint is None else joint
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
             raise ValueError("SD3 joint attention takes no attention_mask")
-        if self.joint and joint_attention.applies(attn, encoder_hidden_states):
+        fused = uses_fused(attn)
+        if self.joint and fused and joint_attention.applies(attn, encoder_hidden_states):
             return joint_attention.run(attn, hidden_states, encoder_hidden_states)
         n_img = hidden_states.shape[1]
-        q, k, v = _project(attn, hidden_states, getattr(attn, "to_qkv", None), ("to_q", "to_k", "to_v"),
+        q, k, v = _project(attn, hidden_states, attn.to_qkv if fused else None, ("to_q", "to_k", "to_v"),
                            (attn.norm_q, attn.norm_k))
         if encoder_hidden_states is not None:
-            cq, ck, cv = _project(attn, encoder_hidden_states, getattr(attn, "to_added_qkv", None),
+            cq, ck, cv = _project(attn, encoder_hidden_states, attn.to_added_qkv if fused else None,
                                   ("add_q_proj", "add_k_proj", "add_v_proj"),
                                   (attn.norm_added_q, attn.norm_added_k))
             q, k, v = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
@@ -222,85 +230,12 @@ class SD3AttnProcessor:
         return (out, context) if encoder_hidden_states is not None else out
 
 
-# --- installing it ----------------------------------------------------------------------------------
-
-
-def _sd3_attention_modules(transformer):
-    from diffusers.models.attention_processor import Attention
-
-    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, Attention)]
-
-
-def _fused_linear(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
-    """One Linear holding ``parts`` stacked; the parts become views of it, so fusing costs no memory and
-    the state dict keeps its keys and values. Built on the meta device: no random init of a big matrix."""
-    grad = parts[0].weight.requires_grad
-    w = torch.cat([p.weight.detach() for p in parts])
-    b = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
-    fused = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
-    fused.weight = torch.nn.Parameter(w, requires_grad=grad)
-    if b is not None:
-        fused.bias = torch.nn.Parameter(b, requires_grad=grad)
-    start = 0
-    for lin in parts:
-        n = lin.weight.shape[0]
-        lin.weight = torch.nn.Parameter(w[start:start + n], requires_grad=grad)
-        if b is not None:
-            lin.bias = torch.nn.Parameter(b[start:start + n], requires_grad=grad)
-        start += n
-    return fused
-
-
-def fuse_projections(transformer) -> bool:
-    """Fuse each attention's Q/K/V (and the context's) into one matmul; True if any was fused.
-    Exact with SD3AttnProcessor, SD3.5's q/k norm included (applied after the split)."""
-    fused = False
-    for _, m in _sd3_attention_modules(transformer):
-        if getattr(m, "to_qkv", None) is not None or getattr(m, "is_cross_attention", False):
-            continue
-        m.to_qkv = _fused_linear([m.to_q, m.to_k, m.to_v])
-        if getattr(m, "add_q_proj", None) is not None:
-            m.to_added_qkv = _fused_linear([m.add_q_proj, m.add_k_proj, m.add_v_proj])
-        m.fused_projections = True
-        fused = True
-    return fused
-
-
-def unfuse_projections(transformer) -> None:
-    """Drop the fused projections (the separate ones hold the same values)."""
-    for _, m in _sd3_attention_modules(transformer):
-        for name in ("to_qkv", "to_added_qkv"):
-            if hasattr(m, name):
-                delattr(m, name)
-        m.fused_projections = False
-
-
-# Processors SD3AttnProcessor computes exactly; any other (IP-Adapter, PAG, a user's own) is left in place.
-REPLACEABLE = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "SD3AttnProcessor")
-
-
-def set_attention(transformer, kernel: str):
-    """Install SD3AttnProcessor(kernel) where the module runs one of diffusers' joint processors (others,
-    such as IP-Adapter's, stay); return a callable that puts the original processors back."""
-    originals = {name: m.processor for name, m in _sd3_attention_modules(transformer)
-                 if type(m.processor).__name__ in REPLACEABLE}
-    proc = SD3AttnProcessor(kernel)
-    for name, m in _sd3_attention_modules(transformer):
-        if name in originals:
-            m.set_processor(proc)
-
-    def undo():
-        for name, m in _sd3_attention_modules(transformer):
-            if name in originals:
-                m.set_processor(originals[name])
-
-    undo.replaced = len(originals)  # how many attention modules run the chosen kernel
-    return undo
+# --- what runs where ---------------------------------------------------------------------------------
 
 
 def joint_op_modules(transformer) -> int:
     """How many joint attentions run as one op (``sd3plugin.joint_attention``): SD3AttnProcessor with
     ``joint`` on a module it applies to (fused, unquantized projections, no q/k norm)."""
-    return sum(1 for _, m in _sd3_attention_modules(transformer)
-               if isinstance(m.processor, SD3AttnProcessor) and m.processor.joint
+    return sum(1 for _, m in dcompat.attention_modules(transformer)
+               if isinstance(m.processor, SD3AttnProcessor) and m.processor.joint and uses_fused(m)
                and getattr(m, "added_kv_proj_dim", None) is not None and joint_attention.applies(m, True))

@@ -290,7 +290,7 @@ def attention_choice(plan) -> dict:
 def report(cfg) -> dict:
     """Everything ``sd3plugin-cache doctor`` shows, as a dict (its --json output)."""
     from .cache import coordesc
-    from .optimize import make_plan
+    from .plan import make_plan
 
     plan = make_plan(cfg)
     cache = Path(plan.cache_dir).expanduser()

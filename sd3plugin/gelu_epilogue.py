@@ -8,13 +8,16 @@ pass disappears. The call is a custom op, ``sd3plugin::linear_gelu_tanh``: induc
 back into a matmul and a pointwise kernel.
 
 ``fuse_gelu(transformer)`` routes every tanh-GELU projection with plain (not quantized) weights through it
-and returns an undo callable. On CPU the op computes the same function without the epilogue (CPU's
+and returns an undo callable; a projection that later stops being a plain ``nn.Linear`` (a LoRA loaded on it)
+runs diffusers' own forward. On CPU the op computes the same function without the epilogue (CPU's
 ``_addmm_activation`` uses the exact GELU, not the tanh approximation SD3 was trained with).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .compat import torch as tcompat
 
 
 # The schema is spelled out: with postponed annotations torch 2.4 cannot infer it from the signature.
@@ -25,7 +28,7 @@ def linear_gelu_tanh(x, weight, bias):
     if x.device.type != "cuda":
         return F.gelu(F.linear(x, weight, bias), approximate="tanh")
     flat = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+    out = tcompat.addmm_gelu_tanh(bias, flat, weight.t())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -42,10 +45,11 @@ def _fusable(module) -> bool:
 
 
 def _fused_forward(module):
-    proj = module.proj
-
     def forward(hidden_states):
-        return linear_gelu_tanh(hidden_states, proj.weight, proj.bias)
+        proj = module.proj  # looked up at each call: a LoRA (PEFT layer) or a quantized weight runs as diffusers
+        if type(proj) is torch.nn.Linear and type(proj.weight.data) is torch.Tensor:
+            return linear_gelu_tanh(hidden_states, proj.weight, proj.bias)
+        return type(module).forward(module, hidden_states)
 
     return forward
 

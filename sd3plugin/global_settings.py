@@ -2,8 +2,9 @@
 
 Every change goes through ``GLOBAL_SETTINGS.set_flag/set_env``, which remembers the first previous
 value, so ``GLOBAL_SETTINGS.restore()`` (called by ``sd3plugin.disable()``) undoes all of them.
-``snapshot()`` captures the values an optimized pipeline needs; its compiled calls run inside
-``scoped(snapshot)``, so they keep their cache dir and flags after ``disable()`` too.
+``with GLOBAL_SETTINGS.recording() as changes:`` collects the changes made inside the block;
+``GLOBAL_SETTINGS.revert(changes)`` puts back what they replaced (a setting changed since by someone else
+is left alone). ``optimize()`` records its changes in the pipeline's settings handle, which ``undo()`` reverts.
 """
 from __future__ import annotations
 
@@ -50,49 +51,47 @@ class GlobalSettings:
     def __init__(self):
         self._saved_flags: dict[str, object] = {}
         self._saved_env: dict[str, object] = {}
+        self._recorders: list[list] = []
 
     def set_flag(self, path: str, value) -> None:
         obj, attr = _resolve(path)
         if not hasattr(obj, attr):
             return
-        self._saved_flags.setdefault(path, getattr(obj, attr))
+        previous = getattr(obj, attr)
+        self._saved_flags.setdefault(path, previous)
         setattr(obj, attr, value)
+        for changes in self._recorders:
+            changes.append(("flag", path, previous, value))
 
     def set_env(self, name: str, value: str) -> None:
-        self._saved_env.setdefault(name, os.environ.get(name, _MISSING))
+        previous = os.environ.get(name, _MISSING)
+        self._saved_env.setdefault(name, previous)
         os.environ[name] = value
+        for changes in self._recorders:
+            changes.append(("env", name, previous, value))
+
+    @contextmanager
+    def recording(self):
+        changes: list = []
+        self._recorders.append(changes)
+        try:
+            yield changes
+        finally:
+            self._recorders.remove(changes)
+
+    def revert(self, changes: list) -> None:
+        """Undo ``changes`` (from ``recording()``), newest first; settings changed since are left alone."""
+        for kind, key, previous, value in reversed(changes):
+            if kind == "flag":
+                obj, attr = _resolve(key)
+                if getattr(obj, attr) is value or getattr(obj, attr) == value:
+                    setattr(obj, attr, previous)
+            elif os.environ.get(key) == value:
+                _set_env(key, None if previous is _MISSING else previous)
 
     def changed(self) -> dict:
         return {"flags": dict(self._saved_flags), "env": {k: (None if v is _MISSING else v)
                                                           for k, v in self._saved_env.items()}}
-
-    def snapshot(self) -> dict:
-        """The values now in effect for every setting the plugin changed."""
-        flags = {}
-        for path in self._saved_flags:
-            obj, attr = _resolve(path)
-            flags[path] = getattr(obj, attr)
-        return {"flags": flags, "env": {name: os.environ.get(name) for name in self._saved_env}}
-
-    @contextmanager
-    def scoped(self, snapshot: dict):
-        """Apply ``snapshot`` for the length of a block, then put back what was there."""
-        saved_flags, saved_env = {}, {}
-        for path, value in snapshot["flags"].items():
-            obj, attr = _resolve(path)
-            saved_flags[path] = getattr(obj, attr)
-            setattr(obj, attr, value)
-        for name, value in snapshot["env"].items():
-            saved_env[name] = os.environ.get(name)
-            _set_env(name, value)
-        try:
-            yield
-        finally:
-            for path, value in saved_flags.items():
-                obj, attr = _resolve(path)
-                setattr(obj, attr, value)
-            for name, value in saved_env.items():
-                _set_env(name, value)
 
     def restore(self) -> None:
         for path, value in self._saved_flags.items():

@@ -120,6 +120,25 @@ def is_enabled() -> bool:
     return _ACTIVE is not None
 
 
-def enabled(cfg=None, overrides: Iterable[str] = ()) -> Hook:
-    """Context-manager form: ``with sd3plugin.enabled(overrides=["mode=max-autotune"]): ...``."""
-    return enable(cfg, overrides)
+class _Enabled:
+    """``with sd3plugin.enabled(...)``: on exit, the config that was active before (an outer block's) is
+    active again; leaving the outermost block disables the hook."""
+
+    def __init__(self, cfg, overrides):
+        self.previous = _ACTIVE.cfg if _ACTIVE is not None else None
+        self.hook = enable(cfg, overrides)
+
+    def __enter__(self) -> Hook:
+        return self.hook
+
+    def __exit__(self, *exc):
+        if self.previous is None or _ACTIVE is None:
+            disable()
+        else:
+            _ACTIVE.cfg = self.previous
+        return False
+
+
+def enabled(cfg=None, overrides: Iterable[str] = ()) -> _Enabled:
+    """Context-manager form: ``with sd3plugin.enabled(overrides=["mode=max-autotune"]): ...``; nests."""
+    return _Enabled(cfg, overrides)

@@ -1,9 +1,13 @@
-"""``optimize(pipe_or_transformer, cfg, overrides)``: the one verb that applies a config.
+"""``optimize(pipe_or_transformer, cfg, overrides)``: the one verb that applies a config; ``undo()`` removes it.
 
-Order: resolve backend -> fuse QKV -> attention kernel -> quantize -> memory format -> compile (regional). Any failure
-before the first call rolls everything back (on_error=raise) or keeps the eager module (fallback); a
-compile failure at the first call is caught by a guard around the transformer's forward, which undoes
-the compilation, warns once and records the cause in ``report(pipe)``.
+The config is composed and resolved into a ``Plan`` once; then each transform of ``STACK`` applies its part
+and returns a handle that knows how to remove it (``sd3plugin/transforms/``):
+
+    settings -> backend -> fuse_qkv -> attention -> quantize -> fuse_gelu -> memory_format -> lora
+             -> compile (regional, guarded at every call) -> compile_vae
+
+``undo()`` removes the handles in reverse order: processors, fused projections (the state dict is diffusers'
+own again), VAE memory format, process-wide settings; quantized weights stay quantized (it says so).
 """
 from __future__ import annotations
 
@@ -12,18 +16,18 @@ import logging
 import time
 from typing import Iterable
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from . import attention, cache, fa4_prewarm, gelu_epilogue
-from .backends import CompilePlan, resolve_backend
-from .config import compose, parse_mode
-from .config.modes import torch_flags
-from .errors import BackendUnavailableError, CompileError, ConfigError
+from .config import compose
+from .errors import ConfigError
 from .global_settings import GLOBAL_SETTINGS
+from .plan import Plan, make_plan
+from .transforms import attention, backend, compile, fuse_qkv, gelu, lora, memory_format, quantize, settings
+from .transforms.base import Run
 
 log = logging.getLogger("sd3plugin")
 REPORT_ATTR = "_sd3plugin_report"
+HANDLES_ATTR = "_sd3plugin_handles"
 
 
 def is_sd3_transformer(obj) -> bool:
@@ -36,96 +40,45 @@ def is_sd3_pipeline(obj) -> bool:
     return is_sd3_transformer(getattr(obj, "transformer", None))
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
-    return name
+def _new_report(cfg, plan: Plan) -> dict:
+    return {
+        "optimized": True, "status": "eager", "backend": None, "backend_reason": None,
+        "mode": {"name": cfg.mode.name, "spec": cfg.mode.spec, "tokens": list(plan.tokens)},
+        "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
+        "quant": {"type": plan.quant_type, "modules": []}, "compiled_modules": [], "fused_qkv": False,
+        "fused_gelu": 0, "attention": {"kernel": "diffusers", "reason": "backend=eager keeps diffusers' processors"},
+        "error": None, "on_error": plan.on_error, "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
-def resolve_dtype(name: str, device: str, quant: str = "none") -> torch.dtype:
-    """``auto``: what the quant preset needs (bfloat16 for per-row fp8), else float16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        from .quant import preferred_dtype
-
-        needed = preferred_dtype(quant) if quant != "none" else None
-        if needed:
-            return getattr(torch, needed)
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def make_plan(cfg: DictConfig) -> CompilePlan:
-    return CompilePlan(
-        mode_spec=cfg.mode.spec, tokens=parse_mode(cfg.mode.spec), device=resolve_device(cfg.device),
-        dynamic=bool(cfg.dynamic.enabled), recompile_limit=int(cfg.dynamic.recompile_limit),
-        memory_format=cfg.memory_format.name, cache_dir=str(cfg.cache_dir),
-        options=copy.deepcopy(OmegaConf.to_container(cfg.backend_options, resolve=True)))
-
-
-def _memory_format(name: str):
-    return {"channels_last": torch.channels_last, "contiguous_format": torch.contiguous_format}.get(name)
-
-
-class _CompiledCall:
-    """Wraps a method of a module holding compiled parts (the transformer's ``forward``, the VAE's
-    ``decode``): on a compile failure, undo the compilation, run eagerly, and report it (or raise)."""
-
-    def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str, settings: dict):
-        self.owner, self.method, self.undo, self.report = owner, method, undo, report
-        self.on_error, self.what, self.settings = on_error, what, settings
-        self.active = True
-
-    def __call__(self, *args, **kwargs):
-        # The cache dir and flags of this pipeline's plan hold during its calls, hook enabled or not.
-        with GLOBAL_SETTINGS.scoped(self.settings):
-            return self._call(*args, **kwargs)
-
-    def _call(self, *args, **kwargs):
-        fn = getattr(type(self.owner), self.method)
-        if not self.active:
-            return fn(self.owner, *args, **kwargs)
-        try:
-            return fn(self.owner, *args, **kwargs)
-        except Exception as exc:  # compile failures surface at the first call
-            self.undo()
-            self.active = False
-            try:
-                out = fn(self.owner, *args, **kwargs)
-            except Exception:
-                raise exc from None  # the eager module fails too: not a compile problem
-            if self.on_error == "raise":
-                raise CompileError(f"{self.what} compilation failed at the first call: "
-                                   f"{type(exc).__name__}: {_first_line(exc)}; use on_error=fallback to "
-                                   "run eagerly instead, or backend=eager") from exc
-            _record_fallback(self.report, exc, "first call", self.what)
-            return out
-
-    def remove(self) -> None:
-        self.undo()
-        self.owner.__dict__.pop(self.method, None)
-
-
-def _first_line(exc: BaseException) -> str:
-    """One line naming the root cause (dynamo wraps backend errors in BackendCompilerFailed)."""
-    root = exc
-    while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
-        root = getattr(root, "inner_exception", None) or root.__cause__
-    text = str(root).strip().splitlines()
-    line = text[0][:300] if text else ""
-    return f"{type(root).__name__}: {line}" if root is not exc else line or type(exc).__name__
-
-
-def _record_fallback(report: dict, exc: BaseException, when: str, what: str | None = None) -> None:
-    what = what or report["backend"]
-    report["status"] = "fallback"
-    report["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
-    report["compiled_modules"] = [m for m in report["compiled_modules"] if not m.startswith(
-        "vae" if what == "vae" else "transformer")]
-    msg = (f"sd3plugin: {what} compilation failed ({when}): {report['error']}; "
-           "running eagerly (on_error=fallback)")
-    log.warning(msg)
+def _apply(run: Run) -> None:
+    """The stack, in order. Each handle is kept at once, so a failure part-way undoes what was done."""
+    keep = run.handles.append
+    for step in (settings, backend):
+        h = step.apply(run)
+        if h is not None:
+            keep(h)
+    kernels = []
+    for step in (fuse_qkv, attention, quantize, gelu):
+        h = step.apply(run)
+        if h is not None:
+            keep(h)
+            if step in (attention, gelu):
+                kernels.append(h)
+        if step is quantize:
+            attention.finish(run)
+    for step in (memory_format, lora):
+        h = step.apply(run)
+        if h is not None:
+            keep(h)
+    h = compile.apply(run, kernels)
+    if h is not None:
+        for k in kernels:  # the compile handle removes them with the compilation
+            run.handles.remove(k)
+        keep(h)
+        h = compile.apply_vae(run)
+        if h is not None:
+            keep(h)
 
 
 def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
@@ -141,126 +94,20 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
         return target  # already optimized: one optimization per module
 
     plan = make_plan(cfg)
-    report = {
-        "optimized": True, "status": "eager", "backend": None, "backend_reason": None,
-        "mode": {"name": cfg.mode.name, "spec": cfg.mode.spec, "tokens": list(plan.tokens)},
-        "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
-        "quant": {"type": cfg.quant.type, "modules": []}, "compiled_modules": [], "fused_qkv": False, "fused_gelu": 0,
-        "attention": {"kernel": "diffusers", "reason": "backend=eager keeps diffusers' processors"},
-        "error": None, "on_error": cfg.on_error,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    try:
-        backend, reason = resolve_backend(cfg.backend, plan)
-    except BackendUnavailableError as exc:
-        if cfg.on_error == "raise":
-            raise
-        backend, reason = resolve_backend("eager", plan)[0], f"fallback to eager: {exc}"
-        report["error"] = str(exc)
-        log.warning("sd3plugin: %s; running eagerly (on_error=fallback)", exc)
-    report["backend"], report["backend_reason"] = backend.name, reason
-    log.info("sd3plugin: backend %s (%s)", backend.name, reason)
-
-    report.update(cache.activate(plan.cache_dir))
-    for path, value in torch_flags(plan.tokens, plan.device).items():
-        GLOBAL_SETTINGS.set_flag(path, value)
-    for name in ("dynamo.recompile_limit", "dynamo.cache_size_limit"):
-        GLOBAL_SETTINGS.set_flag(name, max(plan.recompile_limit, 8))
-
-    from .quant import quantize
-
+    run = Run(target=target, transformer=transformer, plan=plan, report=_new_report(cfg, plan))
     started = time.perf_counter()
-    undo_attention = _no_op
-    if backend.name != "eager":
-        kernel, why = _attention_kernel(cfg, plan, backend.name, transformer)
-        report["attention"] = {"kernel": kernel, "reason": why}
-        if cfg.fuse_qkv:
-            report["fused_qkv"] = attention.fuse_projections(transformer)
-        undo_attention = attention.set_attention(transformer, kernel)
-        report["attention"]["modules"] = undo_attention.replaced
-        if kernel == "fa4":  # FA4's JIT compile runs in a child process while inductor compiles
-            report["attention"]["prewarm"] = _start_fa4_prewarm(cfg, plan, transformer)
-    try:  # after fusing: quantized weights cannot be concatenated, so the fused to_qkv gets quantized
-        report["quant"] = quantize(transformer, cfg.quant, plan.device, backend=backend.name)
-    except Exception:
-        undo_attention()
-        if report["fused_qkv"]:
-            attention.unfuse_projections(transformer)
-        raise
-    if backend.name != "eager":  # after quantizing: quantized projections keep the ordinary path
-        report["attention"]["joint_op_modules"] = attention.joint_op_modules(transformer)
-    undo_gelu = _no_op
-    if cfg.fuse_gelu and backend.name == "inductor" and plan.device == "cuda":  # after quantizing: plain weights only
-        undo_gelu = gelu_epilogue.fuse_gelu(transformer)
-        report["fused_gelu"] = undo_gelu.fused
-    vae = getattr(target, "vae", None)
-    fmt = _memory_format(plan.memory_format)
-    if vae is not None and fmt is not None:
-        vae.to(memory_format=fmt)
-
-    def undo_compile():
-        backend.undo(transformer)
-        undo_attention()  # a kernel that fails at its first call goes with the compilation
-        undo_gelu()
-
     try:
-        info = backend.compile(transformer, plan)
-    except Exception as exc:
-        undo_compile()
-        if cfg.on_error == "raise":
-            raise CompileError(f"{backend.name} compilation failed: {type(exc).__name__}: {_first_line(exc)}; "
-                               "fix the option named above, or use on_error=fallback / backend=eager") from exc
-        report["backend_reason"] += "; compile failed"
-        _record_fallback(report, exc, "setup")
-    else:
-        report.update(info)
-        if info.get("compiled_modules"):
-            report["status"] = "compiled"
-            settings = GLOBAL_SETTINGS.snapshot()
-            transformer.forward = _CompiledCall(transformer, "forward", undo_compile,
-                                                report, cfg.on_error, backend.name, settings)
-            if cfg.compile_vae and vae is not None and backend.name == "inductor":
-                _compile_vae_decoder(vae, backend, plan, report, cfg.on_error, settings)
-    report["setup_seconds"] = round(time.perf_counter() - started, 3)
-    report["global_settings"] = GLOBAL_SETTINGS.changed()
-    _attach(target, transformer, report)
+        _apply(run)
+    except BaseException:
+        for h in reversed(run.handles):
+            h.remove()
+        raise
+    run.report["setup_seconds"] = round(time.perf_counter() - started, 3)
+    run.report["transforms"] = [h.name for h in run.handles]
+    run.report["global_settings"] = GLOBAL_SETTINGS.changed()
+    setattr(transformer, HANDLES_ATTR, run.handles)
+    _attach(target, transformer, run.report)
     return target
-
-
-def _compile_vae_decoder(vae, backend, plan, report: dict, on_error: str, settings: dict) -> None:
-    """compile_vae=true: compile the VAE decoder too (end-to-end time); same fallback rules."""
-    decoder = vae.decoder
-    decoder.compile(backend="inductor", options=backend.options(plan), dynamic=True if plan.dynamic else False)
-    vae.decode = _CompiledCall(vae, "decode", lambda: setattr(decoder, "_compiled_call_impl", None),
-                               report, on_error, "vae", settings)
-    report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
-
-
-def _no_op() -> None:
-    pass
-
-
-def _attention_kernel(cfg, plan, backend: str, transformer) -> tuple[str, str]:
-    """The attention kernel for this plan; FA4's compiled kernels are cached under cache_dir."""
-    if backend == "nexfort":
-        return "sdpa", "backend=nexfort: torch's scaled_dot_product_attention (nexfort's stack is torch 2.4)"
-    if cfg.attention != "sdpa":
-        fa4_dir = cache.cache_paths(plan.cache_dir)["inductor"] / "fa4"
-        GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-        GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(fa4_dir))
-        for flag, value in attention.fa4_cache_flags(str(fa4_dir)).items():  # FA4 imported already
-            GLOBAL_SETTINGS.set_flag(flag, value)
-    return attention.resolve_kernel(cfg.attention, plan.device, transformer.dtype)
-
-
-def _start_fa4_prewarm(cfg, plan, transformer) -> dict:
-    shapes = fa4_prewarm.attention_shapes(transformer.config, cfg.height, cfg.width, cfg.num_images,
-                                          cfg.guidance_scale > 1)
-    fa4_dir = str(cache.cache_paths(plan.cache_dir)["inductor"] / "fa4")
-    if attention.fa4_cache_dir() != fa4_dir:  # flash-attn-4 was imported before cache_dir was set
-        return {"state": f"skipped: FA4 caches its kernels in {attention.fa4_cache_dir()}, not under cache_dir "
-                         "(flash_attn.cute was imported before sd3plugin set its cache directory)"}
-    return fa4_prewarm.start(fa4_dir, shapes, transformer.dtype, transformer.device.index or 0)
 
 
 def _attach(target, transformer, report: dict) -> None:
@@ -269,22 +116,28 @@ def _attach(target, transformer, report: dict) -> None:
         setattr(target, REPORT_ATTR, report)
 
 
+def _transformer_of(obj):
+    return obj if is_sd3_transformer(obj) else getattr(obj, "transformer", None)
+
+
 def report(pipe_or_transformer) -> dict:
     """What sd3plugin applied to this pipeline/transformer (a copy); ``{"optimized": False}`` if nothing."""
+    transformer = _transformer_of(pipe_or_transformer)
+    own = getattr(transformer, REPORT_ATTR, None) if transformer is not None else None
     rep = getattr(pipe_or_transformer, REPORT_ATTR, None)
-    if rep is None:
-        rep = getattr(getattr(pipe_or_transformer, "transformer", None), REPORT_ATTR, None)
+    if rep is not None and own is not rep:  # pipe.transformer was replaced after optimizing
+        return {"optimized": False, "note": "pipe.transformer was replaced after optimization; "
+                                            "call sd3plugin.optimize(pipe) to optimize the new one"}
+    rep = own if rep is None else rep
     return copy.deepcopy(rep) if rep is not None else {"optimized": False}
 
 
 def undo(pipe_or_transformer) -> None:
-    """Remove sd3plugin's compilation from a pipeline/transformer (quantization stays)."""
-    transformer = pipe_or_transformer if is_sd3_transformer(pipe_or_transformer) else \
-        getattr(pipe_or_transformer, "transformer", None)
-    for owner, method in ((transformer, "forward"), (getattr(pipe_or_transformer, "vae", None), "decode")):
-        call = owner.__dict__.get(method) if owner is not None else None
-        if isinstance(call, _CompiledCall):
-            call.remove()
+    """Remove what ``optimize()`` applied, in reverse order (quantized weights stay quantized)."""
+    transformer = _transformer_of(pipe_or_transformer)
+    handles = transformer.__dict__.pop(HANDLES_ATTR, []) if transformer is not None else []
+    for h in reversed(handles):
+        h.remove()
     for obj in (pipe_or_transformer, transformer):
         if obj is not None and REPORT_ATTR in obj.__dict__:
             delattr(obj, REPORT_ATTR)

@@ -200,11 +200,11 @@ def linear_modules(transformer) -> dict[str, torch.nn.Module]:
 
 def _uses_fused(attn) -> bool:
     """True when the attention module runs its fused projections (the originals stay as modules)."""
-    from .attention import SD3AttnProcessor
+    from .attention import SD3AttnProcessor, uses_fused
 
     proc = getattr(attn, "processor", None)
-    if isinstance(proc, SD3AttnProcessor):  # sd3plugin's processor runs to_qkv whenever it exists
-        return getattr(attn, "to_qkv", None) is not None
+    if isinstance(proc, SD3AttnProcessor):  # sd3plugin's processor runs to_qkv while fused
+        return uses_fused(attn)
     return "Fused" in type(proc).__name__
 
 

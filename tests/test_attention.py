@@ -6,6 +6,9 @@ import torch
 
 import sd3plugin
 from sd3plugin import attention
+from sd3plugin.compat.diffusers import attention_modules
+from sd3plugin.transforms.attention import set_processors
+from sd3plugin.transforms.fuse_qkv import FusedProjections
 from sd3plugin.models import architecture
 
 TOL = 1e-5  # fp32 on CPU: the same math in another order (one fused matmul instead of three)
@@ -40,17 +43,18 @@ def test_processor_matches_diffusers(variant, fuse):
     with torch.no_grad():
         ref = t(**x).sample
         if fuse:
-            assert attention.fuse_projections(t) is True
-        undo = attention.set_attention(t, "sdpa")
+            fp = FusedProjections(t)
+            assert fp.fuse() > 0
+        undo = set_processors(t, "sdpa").remove
         out = t(**x).sample
     assert _rel(out, ref) < TOL, _rel(out, ref)
     if variant == "tiny-sd3.5":  # the q/k norm really matters here: dropping it moves the output
         assert t.transformer_blocks[0].attn.norm_q is not None
     undo()
     assert all(type(m.processor).__name__ == "JointAttnProcessor2_0"
-               for _, m in attention._sd3_attention_modules(t))
+               for _, m in attention_modules(t))
     if fuse:
-        attention.unfuse_projections(t)
+        fp.unfuse()
         assert set(t.state_dict()) == keys
     with torch.no_grad():
         assert _rel(t(**x).sample, ref) < TOL
@@ -62,11 +66,11 @@ def test_dropping_the_qk_norm_is_detected():
     x = _inputs(t)
     with torch.no_grad():
         ref = t(**x).sample
-        for _, m in attention._sd3_attention_modules(t):
+        for _, m in attention_modules(t):
             m.norm_q = m.norm_k = None
             if hasattr(m, "norm_added_q"):
                 m.norm_added_q = m.norm_added_k = None
-        attention.set_attention(t, "sdpa")
+        set_processors(t, "sdpa")
         out = t(**x).sample
     assert _rel(out, ref) > 100 * TOL
 
@@ -86,10 +90,10 @@ def test_attention_fa4_on_cpu_is_a_config_error_and_loses_nothing(tiny_path):
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
-    procs = [type(m.processor) for _, m in attention._sd3_attention_modules(pipe.transformer)]
+    procs = [type(m.processor) for _, m in attention_modules(pipe.transformer)]
     with pytest.raises(sd3plugin.ConfigError, match="attention=fa4"):
         sd3plugin.optimize(pipe, overrides=["attention=fa4", "device=cpu"])
-    assert [type(m.processor) for _, m in attention._sd3_attention_modules(pipe.transformer)] == procs
+    assert [type(m.processor) for _, m in attention_modules(pipe.transformer)] == procs
     assert not hasattr(pipe.transformer.transformer_blocks[0].attn, "to_qkv")
     assert sd3plugin.report(pipe) == {"optimized": False}
 
@@ -120,9 +124,10 @@ def test_other_processors_are_left_in_place():
 
     custom = Custom()
     t.transformer_blocks[1].attn.set_processor(custom)
-    attention.fuse_projections(t)
-    undo = attention.set_attention(t, "sdpa")
-    assert undo.replaced == 1
+    FusedProjections(t).fuse()
+    handle = set_processors(t, "sdpa")
+    undo = handle.remove
+    assert handle.report["modules"] == 1
     assert t.transformer_blocks[1].attn.processor is custom
     assert isinstance(t.transformer_blocks[0].attn.processor, attention.SD3AttnProcessor)
     undo()

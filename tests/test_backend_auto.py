@@ -10,7 +10,7 @@ from sd3plugin import environment
 from sd3plugin.backends import resolve_backend
 from sd3plugin.config import compose
 from sd3plugin.errors import BackendUnavailableError
-from sd3plugin.optimize import make_plan
+from sd3plugin.plan import make_plan
 
 pytestmark = pytest.mark.skipif(environment.nexfort_status()[0],
                                 reason="nexfort is usable here (tests/nexfort covers this environment)")

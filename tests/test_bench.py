@@ -189,7 +189,7 @@ def test_cudagraphs_token_uses_whole_step_graphs_not_inductor_trees():
     import dataclasses
 
     from sd3plugin.backends.inductor import InductorBackend
-    from sd3plugin.optimize import make_plan
+    from sd3plugin.plan import make_plan
 
     backend = InductorBackend()
     plan = make_plan(compose(None, ["mode.spec=max-optimize:cudagraphs", "device=cpu"]))

@@ -126,13 +126,13 @@ def test_module_attributes_are_recorded_and_restored():
     assert ic.max_autotune is before
 
 
-def test_scoped_settings_apply_only_during_a_call():
+def test_recorded_changes_are_reverted_and_later_changes_kept():
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", "/tmp/plan-dir")
-    GLOBAL_SETTINGS.set_flag("cudnn.benchmark", True)
-    snap = GLOBAL_SETTINGS.snapshot()
-    sd3plugin.disable()
+    with GLOBAL_SETTINGS.recording() as changes:
+        GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", "/tmp/plan-dir")
+        GLOBAL_SETTINGS.set_flag("cudnn.benchmark", True)
+    GLOBAL_SETTINGS.set_env("TRITON_CACHE_DIR", "/tmp/other")  # not recorded: stays
+    assert len(changes) == 2
+    GLOBAL_SETTINGS.revert(changes)
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and torch.backends.cudnn.benchmark is False
-    with GLOBAL_SETTINGS.scoped(snap):
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/plan-dir" and torch.backends.cudnn.benchmark
-    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and torch.backends.cudnn.benchmark is False
+    assert os.environ["TRITON_CACHE_DIR"] == "/tmp/other"

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from sd3plugin import attention, joint_attention
+from sd3plugin.compat.diffusers import attention_modules
+from sd3plugin.transforms.fuse_qkv import FusedProjections
 from tests.test_attention import TOL, _inputs, _rel, _transformer
 
 
@@ -19,8 +21,8 @@ def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
     monkeypatch.setattr(joint_attention, "run", lambda *a: calls.append(a[0]) or real(*a))
     with torch.no_grad():
         ref = t(**x).sample
-        attention.fuse_projections(t)
-        for _, m in attention._sd3_attention_modules(t):
+        FusedProjections(t).fuse()
+        for _, m in attention_modules(t):
             m.set_processor(attention.SD3AttnProcessor("sdpa", joint=True))
         out = t(**x).sample
         assert len(calls) == len(t.transformer_blocks) == attention.joint_op_modules(t)
@@ -56,8 +58,8 @@ def test_joint_op_is_not_used_where_it_does_not_apply():
         ref = t(**x).sample
         attn = t.transformer_blocks[0].attn
         assert not joint_attention.applies(attn, torch.zeros(1))  # q/k norm
-        attention.fuse_projections(t)
-        for _, m in attention._sd3_attention_modules(t):
+        FusedProjections(t).fuse()
+        for _, m in attention_modules(t):
             m.set_processor(attention.SD3AttnProcessor("sdpa", joint=True))
         assert _rel(t(**x).sample, ref) < TOL
         assert attention.joint_op_modules(t) == 0
@@ -88,7 +90,7 @@ def test_joint_op_with_fa4_on_gpu():
     torch.manual_seed(0)
     attn = Attention(query_dim=1536, cross_attention_dim=None, added_kv_proj_dim=1536, dim_head=64, heads=24,
                      out_dim=1536, context_pre_only=False, bias=True).cuda().half()
-    attention.fuse_projections(attn)
+    FusedProjections(attn).fuse()
     x = torch.randn(2, 4096, 1536, device="cuda", dtype=torch.float16)
     c = torch.randn(2, 333, 1536, device="cuda", dtype=torch.float16)
     with torch.no_grad():

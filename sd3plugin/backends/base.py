@@ -1,21 +1,11 @@
-"""What every backend gets (a CompilePlan) and must provide (availability, compile, undo)."""
+"""What every backend gets (the Plan) and must provide (availability, compile, undo)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..plan import Plan
 
 
-@dataclass
-class CompilePlan:
-    """Everything a backend needs, derived from the composed config."""
-
-    mode_spec: str
-    tokens: tuple[str, ...]
-    device: str                  # "cpu" or "cuda"
-    dynamic: bool
-    recompile_limit: int
-    memory_format: str
-    cache_dir: str
-    options: dict = field(default_factory=dict)  # backend_options from the config, passed as they are
+# What every backend gets: the plan of the run (sd3plugin.plan.Plan).
+CompilePlan = Plan
 
 
 def transformer_blocks(transformer) -> list:

@@ -7,6 +7,12 @@ blocks share one compiled graph and a block's output is read after the next repl
 signature (shapes, dtypes, non-tensor arguments), after ``warmup`` plain calls (compilation and
 autotuning happen there), copies new inputs into the graph's static buffers and replays it. All graphs
 share one memory pool. Anything it cannot capture runs as a plain call, with one warning.
+
+A graph replays the parameters it was captured with. Before each replay the runner checks that every
+parameter is still the same tensor at the same address (``pipe.to(...)``, offload, ``lora`` layers or an
+assigned weight would change that) and drops its graphs when not; ``suspend(reason)`` turns replay off while
+something the graphs would bake in can change between calls (LoRA adapters, whose ``set_adapters`` weights
+are Python numbers; model offload).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from collections import Counter
 
 import torch
 from torch.utils import _pytree as pytree
+
+from ..compat import torch as tcompat
 
 log = logging.getLogger("sd3plugin")
 
@@ -29,9 +37,43 @@ class CudaGraphForward:
         self.failed: set = set()
         self.pool = None
         self.replays = 0
+        self.params: list = []          # (owner module, name, tensor, address) at capture
+        self.suspended: str | None = None
+        self.invalidated = 0
+
+    def suspend(self, reason: str | None) -> None:
+        """Run plain calls (``reason``) or, with None, replay again."""
+        if reason and not self.suspended:
+            self.drop()
+        self.suspended = reason
+
+    def drop(self) -> None:
+        if self.graphs:
+            self.invalidated += 1
+        self.graphs.clear()
+        self.calls.clear()
+        self.params = []
+        self.pool = None
+
+    def _record_params(self) -> list:
+        out = []
+        for mod in self.module.modules():
+            for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if t is not None:
+                    out.append((mod, name, t, t.data_ptr()))
+        return out
+
+    def _params_unchanged(self) -> bool:
+        for mod, name, t, ptr in self.params:
+            current = mod._parameters.get(name)
+            if current is None:
+                current = mod._buffers.get(name)
+            if current is not t or t.data_ptr() != ptr:
+                return False
+        return True
 
     def _plain(self, args, kwargs):
-        return self.module._call_impl(*args, **kwargs)
+        return tcompat.plain_call(self.module, *args, **kwargs)
 
     @staticmethod
     def _signature(leaves, spec):
@@ -48,8 +90,10 @@ class CudaGraphForward:
         return tuple(key)
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled():  # training / autograd: graphs would keep no gradients
+        if torch.is_grad_enabled() or self.suspended:  # autograd (no gradients in graphs), LoRA, offload
             return self._plain(args, kwargs)
+        if self.graphs and not self._params_unchanged():
+            self.drop()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)  # None unless every tensor is on a CUDA device
         if key is None or key in self.failed or torch.cuda.is_current_stream_capturing():
@@ -59,6 +103,8 @@ class CudaGraphForward:
             self.calls[key] += 1
             if self.calls[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
                 return self._plain(args, kwargs)
+            if not self.graphs:
+                self.params = self._record_params()
             entry = self._capture(key, leaves, spec)
             if entry is None:
                 return self._plain(args, kwargs)
@@ -93,15 +139,21 @@ class CudaGraphForward:
         return entry
 
     def info(self) -> dict:
-        return {"graphs": len(self.graphs), "replays": self.replays, "failed_signatures": len(self.failed)}
+        return {"graphs": len(self.graphs), "replays": self.replays, "failed_signatures": len(self.failed),
+                "invalidated": self.invalidated, "suspended": self.suspended}
 
 
 def install(module: torch.nn.Module, **kwargs) -> CudaGraphForward:
     runner = CudaGraphForward(module, **kwargs)
-    module._compiled_call_impl = runner
+    tcompat.set_compiled_call(module, runner)
     return runner
 
 
+def runner_of(module: torch.nn.Module) -> CudaGraphForward | None:
+    runner = tcompat.compiled_call(module)
+    return runner if isinstance(runner, CudaGraphForward) else None
+
+
 def uninstall(module: torch.nn.Module) -> None:
-    if isinstance(getattr(module, "_compiled_call_impl", None), CudaGraphForward):
-        module._compiled_call_impl = None
+    if runner_of(module) is not None:
+        tcompat.clear_compiled_call(module)

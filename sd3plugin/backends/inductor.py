@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import torch as tcompat
 from ..config.modes import inductor_options
 from . import cudagraph, register_backend
 from .base import Backend, CompilePlan, transformer_blocks
@@ -54,4 +55,4 @@ class InductorBackend(Backend):
     def undo(self, transformer) -> None:
         cudagraph.uninstall(transformer)
         for block in transformer_blocks(transformer):
-            block._compiled_call_impl = None
+            tcompat.clear_compiled_call(block)

@@ -20,6 +20,7 @@ import weakref
 
 from .. import environment
 from ..errors import ConfigError
+from ..compat import torch as tcompat
 from ..global_settings import GLOBAL_SETTINGS
 from . import register_backend
 from .base import Backend, CompilePlan, transformer_blocks
@@ -69,8 +70,8 @@ class NexfortBackend(Backend):
         names = []
         for i, block in enumerate(transformer_blocks(transformer)):
             # Like nn.Module.compile: the block stays the same object and keeps its state dict keys.
-            block._compiled_call_impl = onediff_compile(block._call_impl, backend="nexfort",
-                                                        options=copy.deepcopy(opts))
+            tcompat.set_compiled_call(block, onediff_compile(block._call_impl, backend="nexfort",
+                                                             options=copy.deepcopy(opts)))
             names.append(f"transformer_blocks.{i}")
         loaded = environment.licensed_modules_loaded()
         if loaded and not os.environ.get(environment.LICENCE_ENV):  # would end the process: say why first
@@ -81,7 +82,7 @@ class NexfortBackend(Backend):
 
     def undo(self, transformer) -> None:
         for block in transformer_blocks(transformer):
-            block._compiled_call_impl = None
+            tcompat.clear_compiled_call(block)
         saved = _SAVED.pop(transformer, None)
         if saved:
             for tensor, data in saved:

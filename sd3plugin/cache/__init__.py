@@ -34,7 +34,7 @@ def _point_inductor_at(inductor_dir: Path) -> None:
         clear_inductor_caches()
 
 
-def activate(cache_dir: str | Path) -> dict:
+def activate(cache_dir: str | Path, keep_coordesc: bool | None = None) -> dict:
     """Point inductor's and Triton's caches at ``cache_dir`` and load its Mega-Cache entries.
 
     Returns what was set and loaded (it goes into ``report(pipe)["cache"]``). Cheap when nothing is
@@ -48,10 +48,11 @@ def activate(cache_dir: str | Path) -> dict:
     # when asked. Missing switches (older torch) are skipped.
     GLOBAL_SETTINGS.set_flag("torch._inductor.config:fx_graph_cache", True)
     GLOBAL_SETTINGS.set_flag("torch._functorch.config:enable_autograd_cache", True)
-    from .coordesc import install as keep_coordesc
+    from .coordesc import install as install_coordesc
 
+    kept = False if keep_coordesc is False else install_coordesc(force=bool(keep_coordesc))
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"]),
-            "keep_coordesc": keep_coordesc()}  # cached coordinate-descent configs kept (coordesc.py)
+            "keep_coordesc": kept}  # cached coordinate-descent configs kept (coordesc.py)
     from .megacache import load_entries
 
     loaded = load_entries(paths["root"])

@@ -95,7 +95,7 @@ def _hub_cached_config(repo_id: str) -> dict | None:
 
 def compile_config(cfg) -> dict:
     """The part of a composed config that determines the compiled graphs (device/dtype resolved)."""
-    from ..optimize import resolve_device, resolve_dtype
+    from ..config.resolve import resolve_device, resolve_dtype
 
     data = OmegaConf.to_container(cfg, resolve=True)
     out = {k: data.get(k) for k in COMPILE_KEYS}

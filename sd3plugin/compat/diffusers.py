@@ -1,0 +1,52 @@
+"""diffusers (and peft, through diffusers) internals sd3plugin relies on (written against diffusers
+0.30 - 0.42, peft 0.13 - 0.21)."""
+from __future__ import annotations
+
+import torch
+
+# Processors SD3AttnProcessor computes exactly; any other (IP-Adapter, PAG, a user's own) is left in place.
+JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "SD3AttnProcessor")
+
+
+def attention_class():
+    from diffusers.models.attention_processor import Attention
+
+    return Attention
+
+
+def attention_modules(transformer) -> list:
+    """(name, module) of every diffusers Attention module of ``transformer``."""
+    cls = attention_class()
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, cls)]
+
+
+def is_joint_processor(processor) -> bool:
+    return type(processor).__name__ in JOINT_PROCESSORS
+
+
+def has_adapters(model) -> bool:
+    """True while PEFT adapters (LoRA) are loaded into ``model`` through diffusers."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def adapter_names(model) -> list[str]:
+    return sorted(getattr(model, "peft_config", None) or {}) if has_adapters(model) else []
+
+
+def is_plain_linear(module) -> bool:
+    """An ``nn.Linear`` itself (not a PEFT layer wrapping one, not a subclass)."""
+    return type(module) is torch.nn.Linear
+
+
+def hotswap_prepared(model) -> bool:
+    return getattr(model, "_prepare_lora_hotswap_kwargs", None) is not None
+
+
+def clear_hotswap(model) -> None:
+    if hasattr(model, "_prepare_lora_hotswap_kwargs"):
+        model._prepare_lora_hotswap_kwargs = None
+
+
+def offload_hooked(model) -> bool:
+    """True when accelerate moves ``model`` between devices around its calls (model CPU offload)."""
+    return getattr(model, "_hf_hook", None) is not None

@@ -1,0 +1,146 @@
+"""Compilation by the plan's backend (regional: the repeated blocks), guarded at every call.
+
+``GuardedForward`` replaces the transformer's ``forward`` (and, with ``compile_vae``, the VAE's ``decode``):
+- before each call it keeps what diffusers may have changed since exact: the fused projections
+  (``fuse_qkv.FusedProjections.sync``), CUDA graphs suspended while LoRA adapters or model offload are in use;
+- it counts the graphs Dynamo compiles during its calls (``report["compilations"]``, and
+  ``report["recompilations"]`` after the first call);
+- a compile failure at the first call undoes the compilation and the kernels that go with it, runs eagerly
+  and reports why (``on_error=fallback``) or raises ``CompileError`` (``on_error=raise``).
+"""
+from __future__ import annotations
+
+import logging
+
+from ..backends import cudagraph
+from ..compat import diffusers as dcompat
+from ..compat import torch as tcompat
+from ..errors import CompileError
+from .base import Handle, Run
+
+log = logging.getLogger("sd3plugin")
+NAME = "compile"
+
+
+def first_line(exc: BaseException) -> str:
+    """One line naming the root cause (dynamo wraps backend errors in BackendCompilerFailed)."""
+    root = exc
+    while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    text = str(root).strip().splitlines()
+    line = text[0][:300] if text else ""
+    return f"{type(root).__name__}: {line}" if root is not exc else line or type(exc).__name__
+
+
+def record_fallback(report: dict, exc: BaseException, when: str, what: str | None = None) -> None:
+    what = what or report["backend"]
+    report["status"] = "fallback"
+    report["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+    report["compiled_modules"] = [m for m in report["compiled_modules"] if not m.startswith(
+        "vae" if what == "vae" else "transformer")]
+    log.warning("sd3plugin: %s compilation failed (%s): %s; running eagerly (on_error=fallback)",
+                what, when, report["error"])
+
+
+class GuardedForward:
+    """Installed as ``owner.<method>`` (an instance attribute); ``remove()`` takes it away again."""
+
+    def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str, fused=None):
+        self.owner, self.method, self.undo, self.report = owner, method, undo, report
+        self.on_error, self.what, self.fused = on_error, what, fused
+        self.active, self.calls = True, 0
+
+    def _before(self) -> None:
+        owner, report = self.owner, self.report
+        adapters = dcompat.has_adapters(owner)
+        if self.fused is not None and self.fused.items:
+            report["fused_qkv_state"] = self.fused.sync()
+        if adapters or report.get("lora", {}).get("adapters"):
+            report.setdefault("lora", {})["adapters"] = dcompat.adapter_names(owner)
+        runner = cudagraph.runner_of(owner)
+        if runner is not None:
+            reason = ("LoRA adapters are loaded (their set_adapters weights would be baked into the graphs)"
+                      if adapters else "model offload moves the weights between calls"
+                      if dcompat.offload_hooked(owner) else None)
+            if self.fused is not None and self.fused.counts.get("refused"):
+                runner.drop()  # the weights moved: graphs hold the old addresses
+            runner.suspend(reason)
+
+    def __call__(self, *args, **kwargs):
+        fn = getattr(type(self.owner), self.method)
+        if not self.active:
+            return fn(self.owner, *args, **kwargs)
+        if self.what != "vae":
+            self._before()
+        before = tcompat.graph_count()
+        try:
+            return fn(self.owner, *args, **kwargs)
+        except Exception as exc:  # compile failures surface at the first call
+            self.undo()
+            self.active = False
+            try:
+                out = fn(self.owner, *args, **kwargs)
+            except Exception:
+                raise exc from None  # the eager module fails too: not a compile problem
+            if self.on_error == "raise":
+                raise CompileError(f"{self.what} compilation failed at the first call: "
+                                   f"{type(exc).__name__}: {first_line(exc)}; use on_error=fallback to "
+                                   "run eagerly instead, or backend=eager") from exc
+            record_fallback(self.report, exc, "first call", self.what)
+            return out
+        finally:
+            new = tcompat.graph_count() - before
+            key = "compilations" if self.what != "vae" else "vae_compilations"
+            self.report[key] = self.report.get(key, 0) + new
+            if self.calls and self.what != "vae":
+                self.report["recompilations"] = self.report.get("recompilations", 0) + new
+            self.calls += 1
+
+    def remove(self) -> None:
+        self.undo()
+        self.owner.__dict__.pop(self.method, None)
+
+
+def apply(run: Run, kernel_handles: list[Handle]) -> Handle | None:
+    """Compile with ``run.backend``; ``kernel_handles`` (attention, GELU epilogue) go with the compilation."""
+    backend, plan, report, t = run.backend, run.plan, run.report, run.transformer
+
+    def undo_compile():
+        backend.undo(t)
+        for h in reversed(kernel_handles):  # a kernel that fails at its first call goes with the compilation
+            h.remove()
+
+    try:
+        info = backend.compile(t, plan)
+    except Exception as exc:
+        undo_compile()
+        if plan.on_error == "raise":
+            raise CompileError(f"{backend.name} compilation failed: {type(exc).__name__}: {first_line(exc)}; "
+                               "fix the option named above, or use on_error=fallback / backend=eager") from exc
+        report["backend_reason"] += "; compile failed"
+        record_fallback(report, exc, "setup")
+        return None
+    report.update(info)
+    if not info.get("compiled_modules"):
+        return Handle(NAME, undo_compile, {})
+    report["status"] = "compiled"
+    report.setdefault("compilations", 0)
+    report.setdefault("recompilations", 0)
+    guard = GuardedForward(t, "forward", undo_compile, report, plan.on_error, backend.name,
+                           fused=getattr(run, "fused", None))
+    t.forward = guard
+    return Handle(NAME, guard.remove, {})
+
+
+def apply_vae(run: Run) -> Handle | None:
+    """``compile_vae=true``: the VAE decoder too (end-to-end time); same fallback rules."""
+    vae, plan, report = run.vae, run.plan, run.report
+    if not (plan.compile_vae and vae is not None and run.backend.name == "inductor"
+            and report.get("status") == "compiled"):
+        return None
+    decoder = vae.decoder
+    decoder.compile(backend="inductor", options=run.backend.options(plan), dynamic=True if plan.dynamic else False)
+    guard = GuardedForward(vae, "decode", lambda: tcompat.clear_compiled_call(decoder), report, plan.on_error, "vae")
+    vae.decode = guard
+    report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
+    return Handle("compile_vae", guard.remove, {})
