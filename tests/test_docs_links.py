@@ -93,6 +93,13 @@ def links(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def broken_links(files, root: Path = ROOT) -> list[str]:
     """One message per broken relative link (file or #anchor missing) in the given Markdown files."""
     root = Path(root)
@@ -103,7 +110,7 @@ def broken_links(files, root: Path = ROOT) -> list[str]:
             target = target.strip("<>").strip()
             if not target or _SCHEME.match(target) or target.startswith("//"):
                 continue
-            where = f"{path}:{number}: {target}"
+            where = f"{_shown(path, root)}:{number}: {target}"
             file_part, _, anchor = target.partition("#")
             file_part = unquote(file_part.split("?", 1)[0])
             if not file_part:
@@ -114,7 +121,7 @@ def broken_links(files, root: Path = ROOT) -> list[str]:
                 dest = path.parent / file_part
             dest = dest.resolve()
             if not dest.exists():
-                problems.append(f"{where}: {dest} does not exist")
+                problems.append(f"{where}: {_shown(dest, root)} does not exist")
                 continue
             if anchor:
                 if dest.is_dir() or dest.suffix.lower() not in (".md", ".markdown"):
