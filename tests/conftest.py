@@ -61,3 +61,35 @@ def tiny_call(**overrides):
               generator=torch.Generator().manual_seed(0), output_type="latent")
     kw.update(overrides)
     return kw
+
+
+def make_lora(transformer, path, seed: int, targets, rank: int = 4):
+    """Save a random LoRA for ``transformer`` (diffusers' format) into ``path``; the model is left as it was."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets),
+                                       init_lora_weights=False), adapter_name="tmp")
+    sd = get_peft_model_state_dict(transformer, adapter_name="tmp")
+    StableDiffusion3Pipeline.save_lora_weights(str(path), transformer_lora_layers=sd)
+    transformer.delete_adapters("tmp")
+    return str(path)
+
+
+ALL_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj")
+
+
+@pytest.fixture(scope="session")
+def loras(tiny_path, tmp_path_factory):
+    """Three random LoRAs for the tiny pipeline: ``a`` (every projection), ``b`` (some), ``a2`` (``a``'s
+    layers, other weights: for hot-swapping)."""
+    from diffusers import SD3Transformer2DModel
+
+    t = SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer")
+    root = tmp_path_factory.mktemp("loras")
+    return {"a": make_lora(t, root / "a", 1, ALL_TARGETS),
+            "b": make_lora(t, root / "b", 2, ("to_q", "to_v", "ff.net.0.proj")),
+            "a2": make_lora(t, root / "a2", 3, ALL_TARGETS)}

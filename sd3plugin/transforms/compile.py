@@ -62,7 +62,7 @@ class GuardedForward:
             reason = ("LoRA adapters are loaded (their set_adapters weights would be baked into the graphs)"
                       if adapters else "model offload moves the weights between calls"
                       if dcompat.offload_hooked(owner) else None)
-            if self.fused is not None and self.fused.counts.get("refused"):
+            if self.fused is not None and self.fused.counts.get("rebuilt"):
                 runner.drop()  # the weights moved: graphs hold the old addresses
             runner.suspend(reason)
 

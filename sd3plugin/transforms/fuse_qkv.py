@@ -108,7 +108,7 @@ class _Fused:
         setattr(self.attn, FLAG, True)
 
     def sync(self) -> str:
-        """Make the fused path exact or switch it off; return 'fused', 'refused', 'separate' or 'frozen'."""
+        """Make the fused path exact or switch it off; return 'fused', 'rebuilt', 'separate' or 'frozen'."""
         attn = self.attn
         parts_of = [[getattr(attn, n) for n in parts] for _, parts in self.groups]
         if not all(dcompat.is_plain_linear(p) for parts in parts_of for p in parts):
@@ -125,7 +125,7 @@ class _Fused:
                 continue
             if not _views_of(parts, fused):
                 _stack(parts, fused)
-                state = "refused"
+                state = "rebuilt"
         setattr(attn, FLAG, True)
         return state
 
@@ -145,7 +145,8 @@ class FusedProjections:
     def __init__(self, transformer):
         self.transformer = transformer
         self.items: list[_Fused] = []
-        self.counts = {"fused": 0, "refused": 0, "separate": 0, "frozen": 0}
+        self.counts = {"fused": 0, "rebuilt": 0, "separate": 0, "frozen": 0}
+        self.rebuilt = 0  # fused weights rebuilt since fusing (moves, dtype changes)
         self._hook = None
 
     def fuse(self) -> int:
@@ -160,11 +161,12 @@ class FusedProjections:
         return len(self.items)
 
     def sync(self) -> dict:
-        counts = {"fused": 0, "refused": 0, "separate": 0, "frozen": 0}
+        counts = {"fused": 0, "rebuilt": 0, "separate": 0, "frozen": 0}
         for item in self.items:
             counts[item.sync()] += 1
+        self.rebuilt += counts["rebuilt"]
         self.counts = counts
-        return counts
+        return {**counts, "rebuilt_total": self.rebuilt}
 
     def unfuse(self) -> None:
         for item in self.items:
