@@ -60,6 +60,7 @@ def render(rep: dict) -> str:
 
 def run(args) -> int:
     from sd3plugin import environment
+    from sd3plugin.apps import doctor
     from sd3plugin.config import compose
 
     cfg = compose(None, args.overrides)
@@ -76,7 +77,7 @@ def run(args) -> int:
         if not fixed:
             fixed = ["nothing to fix: nexfort's layout is fine" if environment.nexfort_distribution()
                      is not None else "nothing to fix: nexfort is not installed"]
-    rep = environment.report(cfg)
+    rep = doctor.report(cfg)
     rep["fixed"] = fixed
     rep["ok"] = True
     if args.json:

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", default="attn.json")
     ap.add_argument("--tokens", type=int, default=4096 + 333)
     args = ap.parse_args()
-    from sd3plugin import attention, quantized_attention as qa
+    from sd3plugin.kernels import attention, quantized_attention as qa
 
     quant16 = torch.compile(functools.partial(qa.quantize_qkv, pv="16bit"))
     quant8 = torch.compile(functools.partial(qa.quantize_qkv, pv="fp8"))

@@ -17,7 +17,7 @@ if [ -d .whl ] && ! python3 -c 'import sd3plugin.conf' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-BENCH="python3 -m sd3plugin.bench"
+BENCH="python3 -m sd3plugin.apps.bench"
 COMMON="model=sd3-medium steps=28 guidance_scale=7.0 bench.repeat=3"
 
 run() {  # run NAME ARGS...: one bench run into $OUT/NAME, log beside it

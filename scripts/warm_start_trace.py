@@ -6,7 +6,7 @@ Runs the same child as `sd3plugin-cache verify` in this process, with inductor's
 triton.compile wrapped to record, per kernel: autotune-cache state (hit/miss and why), whether its
 `.best_config` file exists, coordinate-descent runs, benchmarks and fresh Triton compilations with their
 time. Developer tool for issue 4 (warm start); prints a summary and writes the events as JSON.
-With SD3PLUGIN_KEEP_COORDESC=1 in the environment, the experimental fix of sd3plugin/cache/coordesc.py is on:
+With SD3PLUGIN_KEEP_COORDESC=1 in the environment, the experimental fix of sd3plugin/compat/inductor.py is on:
 compare the two runs' coordesc counts and first-image times.
 """
 from __future__ import annotations

@@ -1,3 +1,3 @@
-from .app import main
+from .apps.run import main
 
 main()

@@ -4,7 +4,9 @@ Every change goes through ``GLOBAL_SETTINGS.set_flag/set_env``, which remembers 
 value, so ``GLOBAL_SETTINGS.restore()`` (called by ``sd3plugin.disable()``) undoes all of them.
 ``with GLOBAL_SETTINGS.recording() as changes:`` collects the changes made inside the block;
 ``GLOBAL_SETTINGS.revert(changes)`` puts back what they replaced (a setting changed since by someone else
-is left alone). ``optimize()`` records its changes in the pipeline's settings handle, which ``undo()`` reverts.
+is left alone). ``optimize()`` records its changes in the pipeline's settings handle, which ``undo()`` reverts;
+until then they belong to that pipeline, and ``restore()`` (``disable()``) leaves them in place: a pipeline
+loaded inside ``with sd3plugin.enabled():`` keeps its cache dir and flags after the block.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class GlobalSettings:
         self._saved_flags: dict[str, object] = {}
         self._saved_env: dict[str, object] = {}
         self._recorders: list[list] = []
+        self._owned: dict[tuple[str, str], int] = {}  # settings held by recorded changes not yet reverted
 
     def set_flag(self, path: str, value) -> None:
         obj, attr = _resolve(path)
@@ -78,10 +81,17 @@ class GlobalSettings:
             yield changes
         finally:
             self._recorders.remove(changes)
+            for kind, key, _previous, _value in changes:
+                self._owned[(kind, key)] = self._owned.get((kind, key), 0) + 1
 
     def revert(self, changes: list) -> None:
         """Undo ``changes`` (from ``recording()``), newest first; settings changed since are left alone."""
         for kind, key, previous, value in reversed(changes):
+            count = self._owned.get((kind, key), 0) - 1
+            if count > 0:
+                self._owned[(kind, key)] = count
+            else:
+                self._owned.pop((kind, key), None)
             if kind == "flag":
                 obj, attr = _resolve(key)
                 if getattr(obj, attr) is value or getattr(obj, attr) == value:
@@ -94,16 +104,21 @@ class GlobalSettings:
                                                           for k, v in self._saved_env.items()}}
 
     def restore(self) -> None:
-        for path, value in self._saved_flags.items():
+        """Put back every setting changed through this object, except those an optimized pipeline still holds."""
+        for path, value in list(self._saved_flags.items()):
+            if ("flag", path) in self._owned:
+                continue
             obj, attr = _resolve(path)
             setattr(obj, attr, value)
-        for name, value in self._saved_env.items():
+            del self._saved_flags[path]
+        for name, value in list(self._saved_env.items()):
+            if ("env", name) in self._owned:
+                continue
             if value is _MISSING:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        self._saved_flags.clear()
-        self._saved_env.clear()
+            del self._saved_env[name]
 
 
 GLOBAL_SETTINGS = GlobalSettings()

@@ -200,7 +200,7 @@ def linear_modules(transformer) -> dict[str, torch.nn.Module]:
 
 def _uses_fused(attn) -> bool:
     """True when the attention module runs its fused projections (the originals stay as modules)."""
-    from .attention import SD3AttnProcessor, uses_fused
+    from .kernels.attention import SD3AttnProcessor, uses_fused
 
     proc = getattr(attn, "processor", None)
     if isinstance(proc, SD3AttnProcessor):  # sd3plugin's processor runs to_qkv while fused

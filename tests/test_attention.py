@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sd3plugin
-from sd3plugin import attention
+from sd3plugin.kernels import attention, fa4
 from sd3plugin.compat.diffusers import attention_modules
 from sd3plugin.transforms.attention import set_processors
 from sd3plugin.transforms.fuse_qkv import FusedProjections
@@ -163,7 +163,7 @@ def test_fa4_cache_follows_cache_dir_after_import(tmp_path, monkeypatch):
     sys.modules["flash_attn.cute"].cache_utils, sys.modules["flash_attn.cute"].interface = utils, iface
 
     second = tmp_path / "second"
-    flags = attention.fa4_cache_flags(str(second))
+    flags = fa4.fa4_cache_flags(str(second))
     assert flags == {"flash_attn.cute.cache_utils:CUTE_DSL_CACHE_DIR": str(second),
                      "flash_attn.cute.interface:_flash_attn_fwd.compile_cache.cache_path": second / "fp123" / "fwd"}
     assert (second / "fp123" / "fwd").is_dir()
@@ -171,9 +171,9 @@ def test_fa4_cache_follows_cache_dir_after_import(tmp_path, monkeypatch):
         for flag, value in flags.items():
             GLOBAL_SETTINGS.set_flag(flag, value)
         assert kernel.compile_cache.cache_path == second / "fp123" / "fwd"
-        assert attention.fa4_cache_dir() == str(second)
+        assert fa4.fa4_cache_dir() == str(second)
     finally:
         GLOBAL_SETTINGS.restore()
     assert kernel.compile_cache.cache_path == Path(first / "fp123" / "fwd") and utils.CUTE_DSL_CACHE_DIR == str(first)
     utils.CUTE_DSL_CACHE_ENABLED = False  # kernels kept in memory only: nothing to point anywhere
-    assert attention.fa4_cache_flags(str(second)) == {}
+    assert fa4.fa4_cache_flags(str(second)) == {}

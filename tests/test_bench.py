@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sd3plugin.bench import (BenchConfig, StepEvents, add_ratios, parse_variants, resolution_shapes,
+from sd3plugin.apps.bench import (BenchConfig, StepEvents, add_ratios, parse_variants, resolution_shapes,
                              run_bench, split_bench_overrides)
-from sd3plugin.bench_report import markdown
+from sd3plugin.apps.bench_report import markdown
 from sd3plugin.config import compose
 from sd3plugin.errors import ConfigError
 
@@ -57,14 +57,14 @@ def test_seed_resolutions_are_valid_for_sd3_and_checked():
 
 
 def test_app_exits_2_on_a_bad_bench_key():
-    res = subprocess.run([sys.executable, "-m", "sd3plugin.bench", "bench.warmups=2"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "sd3plugin.apps.bench", "bench.warmups=2"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2
     assert "unknown benchmark key bench.warmups" in res.stderr and "bench.warmup" in res.stderr
 
 
 def test_legacy_flags_reach_the_bench_config():
-    from sd3plugin.app import prepare_argv
+    from sd3plugin.apps.run import prepare_argv
 
     bench, rest = split_bench_overrides(prepare_argv(
         ["--run_multiple_resolutions", "1", "--warmup-iterations", "2",
@@ -208,7 +208,7 @@ def test_cuda_graph_runner_passes_cpu_calls_through():
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(module(x), torch.nn.functional.linear(x, module.weight, module.bias))
-    assert runner.info() == {"graphs": 0, "replays": 0, "failed_signatures": 0}
+    assert runner.info() == {"graphs": 0, "replays": 0, "failed_signatures": 0, "invalidated": 0, "suspended": None}
     uninstall(module)
     assert module._compiled_call_impl is None and isinstance(runner, CudaGraphForward)
 
@@ -231,7 +231,7 @@ def test_cuda_graph_runner_replays_per_shape_and_matches_plain_calls():
 
 
 def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
-    from sd3plugin import bench as bench_mod
+    from sd3plugin.apps import bench as bench_mod
 
     monkeypatch.setattr("sd3plugin.quant.preferred_dtype", lambda q: "bfloat16" if q == "int8_dynamic" else None)
     cfg = compose(None, ["model=tiny", "device=cpu"])
@@ -246,7 +246,7 @@ def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
 def test_variant_command_overrides_rebuild_the_config():
     """A fresh process (cold start, shipped-cache start) must run exactly the variant: the overrides it is
     given compose back to the same settings, attention kernel and quantization layer selection included."""
-    from sd3plugin.bench import variant_command_overrides
+    from sd3plugin.apps.bench import variant_command_overrides
     from sd3plugin.config import compose
 
     cfg = compose(None, ["attention=sdpa", "quant=int8_dynamic", "quant.exclude=[proj_out,'*.ff_context.*']",

@@ -1,4 +1,4 @@
-"""Keeping coordinate-descent results (sd3plugin/cache/coordesc.py, on unless SD3PLUGIN_KEEP_COORDESC=0): a
+"""Keeping coordinate-descent results (sd3plugin/compat/inductor.py, on unless SD3PLUGIN_KEEP_COORDESC=0): a
 single-config kernel gets its cached coordinate-descent config, also from an entry written by the other
 graph's copy of the kernel (fakes: the real path needs a GPU); torch's method comes back on restore."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from sd3plugin.cache import coordesc
+from sd3plugin.compat import inductor as coordesc
 from sd3plugin.global_settings import GLOBAL_SETTINGS
 
 

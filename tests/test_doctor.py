@@ -116,7 +116,7 @@ def test_doctor_reports_versions_gpu_backends_and_cache(tmp_path):
     assert rep["backends"]["nexfort"]["usable"] == environment.nexfort_status()[0]
     assert rep["backends"]["nexfort"]["reason"] == environment.nexfort_status()[1]
     assert rep["backends"]["auto"]["chooses"] in ("nexfort", "inductor")
-    from sd3plugin.cache import coordesc
+    from sd3plugin.compat import inductor as coordesc
 
     on = "on" if coordesc._has_recheck() else "n/a"  # torch 2.4 (the nexfort stack) has nothing to fix
     assert rep["cache"] == {"dir": str(cache), "exists": True, "size_bytes": 5000, "keep_coordesc": on}

@@ -1,4 +1,4 @@
-"""The FA4 prewarm child (sd3plugin/fa4_prewarm.py): shapes it compiles for, when it is skipped, and how the
+"""The FA4 prewarm child (sd3plugin/kernels/fa4_prewarm.py): shapes it compiles for, when it is skipped, and how the
 first FA4 call waits for it. The FA4 kernel itself needs a Hopper GPU (gpu-marked test at the end)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd3plugin import attention, fa4_prewarm
+from sd3plugin.kernels import attention, fa4, fa4_prewarm
 from sd3plugin.models import ARCHITECTURES
 
 
@@ -56,7 +56,7 @@ def test_optimize_starts_the_prewarm_for_the_configured_run(tmp_path, monkeypatc
     fa4_dir = str(tmp_path / "inductor" / "fa4")
     started = []
     monkeypatch.setattr(attention, "resolve_kernel", lambda name, device, dtype: ("fa4", "test: fa4"))
-    monkeypatch.setattr(attention, "fa4_cache_dir", lambda: fa4_dir)
+    monkeypatch.setattr(fa4, "fa4_cache_dir", lambda: fa4_dir)
     monkeypatch.setattr(fa4_prewarm, "start", lambda d, shapes, dtype, index: started.append((d, shapes))
                         or {"state": "running (stand-in)"})
     t = _tiny_transformer()
@@ -76,7 +76,7 @@ def test_no_prewarm_when_fa4_keeps_its_kernels_elsewhere(tmp_path, monkeypatch):
     import sd3plugin
 
     monkeypatch.setattr(attention, "resolve_kernel", lambda name, device, dtype: ("fa4", "test: fa4"))
-    monkeypatch.setattr(attention, "fa4_cache_dir", lambda: "/somewhere/else")
+    monkeypatch.setattr(fa4, "fa4_cache_dir", lambda: "/somewhere/else")
     monkeypatch.setattr(fa4_prewarm, "start", lambda *a: pytest.fail("no child expected"))
     t = _tiny_transformer()
     sd3plugin.optimize(t, overrides=[f"cache_dir={tmp_path}", "device=cpu", "backend=inductor"])
@@ -127,9 +127,9 @@ import json, os, sys, time
 os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
 os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = sys.argv[1]
 import torch
-from sd3plugin import attention, fa4_prewarm
+from sd3plugin.kernels import attention, fa4, fa4_prewarm
 shape = (2, 1024 + 333, 24, 64)
-status = fa4_prewarm.start(attention.fa4_cache_dir(), [shape], torch.float16, 0)
+status = fa4_prewarm.start(fa4.fa4_cache_dir(), [shape], torch.float16, 0)
 fa4_prewarm.wait_pending()
 q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.float16) for _ in range(3))
 t0 = time.perf_counter()

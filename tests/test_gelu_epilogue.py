@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd3plugin import gelu_epilogue
+from sd3plugin.kernels import gelu_epilogue
 from tests.test_attention import _inputs, _rel, _transformer
 
 

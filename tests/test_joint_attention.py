@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd3plugin import attention, joint_attention
+from sd3plugin.kernels import attention, joint_attention
 from sd3plugin.compat.diffusers import attention_modules
 from sd3plugin.transforms.fuse_qkv import FusedProjections
 from tests.test_attention import TOL, _inputs, _rel, _transformer

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sd3plugin
-from sd3plugin import attention, gelu_epilogue
+from sd3plugin.kernels import attention, gelu_epilogue
 from sd3plugin.backends.inductor import InductorBackend
 
 from .conftest import tiny_call

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd3plugin.quality import compare_images, compare_latents, save_grid, summary, to_arrays
+from sd3plugin.apps.quality import compare_images, compare_latents, save_grid, summary, to_arrays
 
 pytest.importorskip("skimage")
 

@@ -18,7 +18,7 @@ from sd3plugin.config.legacy import translate
 from sd3plugin.errors import ConfigError
 from sd3plugin.models import ARCHITECTURES
 from sd3plugin.pipeline import dtype_kwarg
-from sd3plugin.quality import compare_latents, random_transformer_inputs
+from sd3plugin.apps.quality import compare_latents, random_transformer_inputs
 
 from .conftest import tiny_call
 
@@ -408,7 +408,7 @@ def test_fp8_tiny_pipeline_on_gpu(tiny_path, cache_dir, name):
 # ----------------------------------------------------------------------------------------------------
 
 def test_layer_sensitivity_writes_json_that_selection_reads(tmp_path):
-    from sd3plugin.quality import layer_sensitivity, write_submodules_json
+    from sd3plugin.apps.quality import layer_sensitivity, write_submodules_json
 
     t = _tiny_transformer()
     inputs = random_transformer_inputs(t.config, 64, 64, text_tokens=16)
@@ -432,7 +432,7 @@ def test_layer_sensitivity_writes_json_that_selection_reads(tmp_path):
 
 
 def test_sensitivity_command(tmp_path, capsys):
-    from sd3plugin.quality import main
+    from sd3plugin.apps.quality import main
 
     out = tmp_path / "tiny_int8.json"
     assert main(["sensitivity", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--height", "64",

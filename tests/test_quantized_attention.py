@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd3plugin import attention, quantized_attention as qa
+from sd3plugin.kernels import attention, quantized_attention as qa
 from sd3plugin.errors import ConfigError
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None or qa.triton_version() < (3, 6),
@@ -74,7 +74,7 @@ _INTERPRETED = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_quantized_attention import _qkv, _reference, _dequantized, _rel
-from sd3plugin import quantized_attention as qa
+from sd3plugin.kernels import quantized_attention as qa
 rows = {{}}
 for seq in (200, 256):  # a partial last block of keys, and none
     q, k, v = _qkv(b=2, s=seq, h=2)

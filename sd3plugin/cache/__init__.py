@@ -48,7 +48,7 @@ def activate(cache_dir: str | Path, keep_coordesc: bool | None = None) -> dict:
     # when asked. Missing switches (older torch) are skipped.
     GLOBAL_SETTINGS.set_flag("torch._inductor.config:fx_graph_cache", True)
     GLOBAL_SETTINGS.set_flag("torch._functorch.config:enable_autograd_cache", True)
-    from .coordesc import install as install_coordesc
+    from ..compat.inductor import install as install_coordesc
 
     kept = False if keep_coordesc is False else install_coordesc(force=bool(keep_coordesc))
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"]),

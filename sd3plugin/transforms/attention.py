@@ -2,9 +2,10 @@
 cache under ``cache_dir``, FA4's compile started early in a child process (``fa4_prewarm``)."""
 from __future__ import annotations
 
-from .. import attention as kernels
-from .. import cache, fa4_prewarm
+from .. import cache
 from ..compat import diffusers as dcompat
+from ..kernels import attention as kernels
+from ..kernels import fa4, fa4_prewarm
 from ..global_settings import GLOBAL_SETTINGS
 from .base import Handle, Run
 
@@ -48,7 +49,7 @@ def apply(run: Run) -> Handle | None:
         if plan.attention != "sdpa" and run.backend.name != "nexfort":  # FA4 keeps its kernels under cache_dir
             GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
             GLOBAL_SETTINGS.set_env("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", _fa4_dir(plan))
-            for flag, value in kernels.fa4_cache_flags(_fa4_dir(plan)).items():  # FA4 imported already
+            for flag, value in fa4.fa4_cache_flags(_fa4_dir(plan)).items():  # FA4 imported already
                 GLOBAL_SETTINGS.set_flag(flag, value)
     kernel, why = choose_kernel(run)
     handle = set_processors(run.transformer, kernel, joint=plan.joint_attention and kernel == "fa4")
@@ -65,8 +66,8 @@ def _start_prewarm(run: Run) -> dict:
     if not plan.fa4_prewarm:
         return {"state": "skipped: fa4_prewarm=false"}
     shapes = fa4_prewarm.attention_shapes(t.config, plan.height, plan.width, plan.num_images, plan.cfg_guidance)
-    if kernels.fa4_cache_dir() != _fa4_dir(plan):  # flash-attn-4 was imported before cache_dir was set
-        return {"state": f"skipped: FA4 caches its kernels in {kernels.fa4_cache_dir()}, not under cache_dir "
+    if fa4.fa4_cache_dir() != _fa4_dir(plan):  # flash-attn-4 was imported before cache_dir was set
+        return {"state": f"skipped: FA4 caches its kernels in {fa4.fa4_cache_dir()}, not under cache_dir "
                          "(flash_attn.cute was imported before sd3plugin set its cache directory)"}
     return fa4_prewarm.start(_fa4_dir(plan), shapes, t.dtype, t.device.index or 0)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import FUSED_FLAG as FLAG
+from ..kernels.attention import FUSED_FLAG as FLAG
 from ..compat import diffusers as dcompat
 from .base import Handle, Run
 

@@ -1,7 +1,7 @@
 """GELU in the matmul epilogue (``fuse_gelu=true``, CUDA + inductor), after quantizing: plain weights only."""
 from __future__ import annotations
 
-from .. import gelu_epilogue
+from ..kernels import gelu_epilogue
 from .base import Handle, Run
 
 NAME = "fuse_gelu"

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
 
@@ -143,7 +143,7 @@ def parse_variants(variants) -> list[tuple[str, list[str]]]:
 
 def resolution_shapes(bench: BenchConfig, model: str) -> list[tuple[int, int]]:
     """The (height, width) pairs of the multiple-resolution pass, checked against the model."""
-    from .models import check_resolution
+    from ..models import check_resolution
 
     sizes = list(dict.fromkeys(int(r) for r in bench.resolutions))
     for r in sizes:
@@ -221,7 +221,7 @@ def run_variant(label: str, cfg, bench: BenchConfig, base_pipe, master, device: 
     import sd3plugin
 
     from .metrics import peak_memory_gib, reset_peak_memory
-    from .pipeline import call_kwargs
+    from ..pipeline import call_kwargs
 
     torch._dynamo.reset()
     sd3plugin.disable()  # restore global flags of the previous variant
@@ -300,7 +300,7 @@ def run_variant(label: str, cfg, bench: BenchConfig, base_pipe, master, device: 
 
 def resolution_pass(pipe, cfg, bench: BenchConfig, device: str) -> list[dict]:
     """First call at every shape: seconds, and graphs newly compiled (recompilations) at that shape."""
-    from .pipeline import call_kwargs
+    from ..pipeline import call_kwargs
 
     rows = []
     for h, w in resolution_shapes(bench, cfg.model):
@@ -312,7 +312,7 @@ def resolution_pass(pipe, cfg, bench: BenchConfig, device: str) -> list[dict]:
 
 
 def quality_figures(ref: dict, eager: dict, out: Path, label: str) -> dict:
-    """Relative error of latents, PSNR/SSIM of images against eager (sd3plugin.quality); a grid PNG."""
+    """Relative error of latents, PSNR/SSIM of images against eager (sd3plugin.apps.quality); a grid PNG."""
     from . import quality
 
     figs = {f"latents_{k}": v for k, v in quality.compare_latents(eager["latents"], ref["latents"]).items()}
@@ -351,7 +351,7 @@ def shipped_cache_start(cfg, model_folder: str, out: Path, label: str, bench: Be
     fresh ``sd3plugin-run`` on the variant's own cache when the cache CLI is not there."""
     import importlib.util
 
-    from .pipeline import resolution
+    from ..pipeline import resolution
 
     if importlib.util.find_spec("sd3plugin.cli.cmd_verify") is None:
         return process_first_image(cfg, model_folder, out / "caches" / _slug(label), out, label, bench)
@@ -472,9 +472,9 @@ def _slug(label: str) -> str:
 # the whole benchmark
 def run_bench(cfg, bench: BenchConfig) -> dict:
     """Load the pipeline once, measure eager and every variant, write bench.json/.md/.png."""
-    from .config import compose
-    from .config.resolve import resolve_device
-    from .pipeline import load_pipeline, model_path, output_dir
+    from ..config import compose
+    from ..config.resolve import resolve_device
+    from ..pipeline import load_pipeline, model_path, output_dir
     from .bench_report import write_outputs
 
     out = output_dir(cfg)
@@ -525,8 +525,8 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
 
 
 def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results) -> dict:
-    from .app import versions
-    from .pipeline import call_kwargs
+    from .run import versions
+    from ..pipeline import call_kwargs
 
     kw = call_kwargs(cfg)
     return {
@@ -542,7 +542,7 @@ def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe,
 def check_shared_dtype(cfg, composed, device: str) -> None:
     """All variants run on one loaded pipeline: a variant whose quant preset needs another dtype (per-row
     fp8 wants bfloat16) is refused before anything loads, with the fix."""
-    from .config.resolve import resolve_dtype
+    from ..config.resolve import resolve_dtype
 
     base = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     for label, vcfg, _ in composed:
@@ -556,7 +556,7 @@ def check_shared_dtype(cfg, composed, device: str) -> None:
 
 def _eager(cfg):
     """The command line's config run eagerly (no compilation, no quantization), in the dtype it resolves to."""
-    from .config.resolve import resolve_device, resolve_dtype
+    from ..config.resolve import resolve_device, resolve_dtype
 
     c = copy.deepcopy(cfg)
     c.dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device), cfg.quant.type)).split(".")[-1]
@@ -578,7 +578,7 @@ def add_ratios(results: list[dict]) -> None:
 
 def _task_factory(bench: BenchConfig):
     def task(cfg) -> None:
-        from .config import validate
+        from ..config import validate
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         logging.getLogger("sd3plugin").setLevel(logging.INFO)
@@ -592,7 +592,7 @@ def _task_factory(bench: BenchConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .app import prepare_argv, run_hydra
+    from .run import prepare_argv, run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
     COMMAND_LINE[:] = argv

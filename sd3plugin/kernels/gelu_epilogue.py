@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compat import torch as tcompat
+from ..compat import torch as tcompat
 
 
 # The schema is spelled out: with postponed annotations torch 2.4 cannot infer it from the signature.

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from . import fa4_prewarm
+from .fa4 import _fa4_func
 
 
 def _attend(q, k, v):
     """(B, S, H, D) views -> (B, S, H, D) contiguous."""
     if q.device.type == "cuda":
-        from .attention import _fa4_func
-
         fa4_prewarm.wait_pending()
         out = _fa4_func()(q, k, v)
         return out[0] if isinstance(out, tuple) else out

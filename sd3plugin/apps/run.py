@@ -13,8 +13,8 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config.compose import normalize_overrides
-from .errors import ConfigError
+from ..config.compose import normalize_overrides
+from ..errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
 
@@ -43,7 +43,7 @@ def prevalidate(argv: list[str]) -> None:
     """Compose the config from the command line once before Hydra runs, to fail early and clearly."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import compose
+    from ..config import compose
 
     overrides, _ = split_overrides(argv)
     try:
@@ -56,7 +56,7 @@ def prevalidate(argv: list[str]) -> None:
 
 
 def prepare_argv(argv: list[str], bench: bool = False) -> list[str]:
-    from .config.legacy import translate
+    from ..config.legacy import translate
 
     return normalize_overrides(translate(argv, bench=bench))
 
@@ -65,7 +65,7 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False) -> None:
     """Translate/validate ``argv`` then run ``task(cfg)`` as a Hydra app on sd3plugin's config."""
     import hydra
 
-    from .config import schema
+    from ..config import schema
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -86,8 +86,8 @@ def generate(cfg: DictConfig) -> dict:
     import sd3plugin
 
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
-    from .config.resolve import resolve_device
-    from .pipeline import call_kwargs, load_pipeline, output_dir, synchronize
+    from ..config.resolve import resolve_device
+    from ..pipeline import call_kwargs, load_pipeline, output_dir, synchronize
 
     out = output_dir(cfg)
     device = resolve_device(cfg.device)
@@ -168,7 +168,7 @@ def report_markdown(result: dict) -> str:
 
 
 def _task(cfg: DictConfig) -> None:
-    from .config import validate
+    from ..config import validate
 
     logging.getLogger("sd3plugin").setLevel(logging.INFO)
     try:

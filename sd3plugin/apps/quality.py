@@ -188,7 +188,7 @@ def layer_sensitivity(transformer, quant_type: str, inputs: dict, names: Sequenc
     from tqdm import tqdm
     from torchao.quantization import quantize_
 
-    from .quant import linear_modules, preset
+    from ..quant import linear_modules, preset
 
     make_config = preset(quant_type).torchao_config
     if make_config is None:
@@ -240,16 +240,16 @@ def random_transformer_inputs(config, height: int, width: int, batch: int = 2, t
 
 
 def main(argv=None) -> int:
-    """``python -m sd3plugin.quality sensitivity``: per-layer quantization error -> seed-form JSON."""
+    """``python -m sd3plugin.apps.quality sensitivity``: per-layer quantization error -> seed-form JSON."""
     import argparse
     import fnmatch
     import time
 
     from diffusers import SD3Transformer2DModel
 
-    from .models import ARCHITECTURES
+    from ..models import ARCHITECTURES
 
-    p = argparse.ArgumentParser(prog="python -m sd3plugin.quality")
+    p = argparse.ArgumentParser(prog="python -m sd3plugin.apps.quality")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sensitivity", help="quantize one Linear layer at a time, measure the output error")
     s.add_argument("--model", default="sd3-medium",
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True, help="JSON file for quant.submodules_config_path")
     args = p.parse_args(argv)
 
-    from .quant import check_device, linear_modules
+    from ..quant import check_device, linear_modules
 
     check_device(args.quant, args.device)
     dtype = getattr(torch, args.dtype)

@@ -19,100 +19,20 @@ attention run its separate projections). ``sd3plugin.transforms.attention`` inst
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from . import fa4_prewarm, joint_attention, quantized_attention
-from .compat import diffusers as dcompat
-from .errors import ConfigError
+from ..compat import diffusers as dcompat
+from ..errors import ConfigError
+from . import joint_attention, quantized_attention
+from .fa4 import FA4_INSTALL, fa4_attention, fa4_unavailable  # noqa: F401  (FA4_INSTALL: re-exported)
 
 log = logging.getLogger("sd3plugin")
 KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
 PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
-FA4_INSTALL = 'pip install "sd3plugin[fa4]" (flash-attn-4 and nvidia-cutlass-dsl)'
-
-
-# --- the FA4 kernel as a custom op ------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _fa4_func():
-    from flash_attn.cute import flash_attn_func
-
-    return flash_attn_func
-
-
-# The schema is spelled out: with postponed annotations (this module's __future__ import) torch 2.4, the
-# nexfort stack, cannot infer it from the signature.
-@torch.library.custom_op("sd3plugin::fa4_attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v) -> Tensor")
-def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention over (batch, seq, heads, head_dim) tensors, softmax scale 1/sqrt(head_dim)."""
-    fa4_prewarm.wait_pending()  # a child compiling this kernel: load its result instead of compiling again
-    out = _fa4_func()(q, k, v)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@fa4_attention.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
-
-
-def fa4_cache_dir() -> str | None:
-    """Where the imported flash-attn-4 keeps compiled kernels on disk (None: in memory only). It reads
-    FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED/DIR once, at import."""
-    from flash_attn.cute import cache_utils
-
-    return cache_utils.CUTE_DSL_CACHE_DIR if cache_utils.CUTE_DSL_CACHE_ENABLED else None
-
-
-def fa4_cache_flags(path: str) -> dict[str, object]:
-    """Settings that point an already imported flash-attn-4's persistent kernel cache at ``path`` (for
-    ``GLOBAL_SETTINGS.set_flag``, so ``disable()`` and each pipeline's scoped calls get theirs). FA4 reads
-    its cache directory once, at import, and fixes each kernel cache's folder then; a process that
-    optimizes a second pipeline with another cache_dir (the benchmark's variants) would otherwise keep
-    writing kernels into the first one's, which may be deleted. Empty when FA4 is not imported yet (the
-    environment variables decide) or keeps kernels in memory only."""
-    import sys
-    from pathlib import Path
-
-    utils, iface = sys.modules.get("flash_attn.cute.cache_utils"), sys.modules.get("flash_attn.cute.interface")
-    if utils is None or iface is None or not getattr(utils, "CUTE_DSL_CACHE_ENABLED", False):
-        return {}
-    try:
-        root = Path(utils.CUTE_DSL_CACHE_DIR) if utils.CUTE_DSL_CACHE_DIR else utils.get_cache_path()
-        flags: dict[str, object] = {"flash_attn.cute.cache_utils:CUTE_DSL_CACHE_DIR": path}
-        for name, fn in sorted(vars(iface).items()):
-            cache = getattr(fn, "compile_cache", None)
-            if isinstance(getattr(cache, "cache_path", None), Path):
-                new = Path(path) / cache.cache_path.relative_to(root)
-                new.mkdir(parents=True, exist_ok=True)
-                flags[f"flash_attn.cute.interface:{name}.compile_cache.cache_path"] = new
-        return flags
-    except (AttributeError, TypeError, ValueError, OSError) as exc:  # another flash-attn-4 layout
-        log.warning("sd3plugin: cannot point flash-attn-4's kernel cache at %s (%s)", path, exc)
-        return {}
-
-
-def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
-    """Why FA4 cannot run here (None if it can)."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return "FA4 needs a CUDA GPU (this run is on CPU)"
-    major, minor = torch.cuda.get_device_capability()
-    if major not in (9, 10):
-        return (f"FA4 needs compute capability 9.x or 10.x (Hopper/Blackwell); "
-                f"{torch.cuda.get_device_name()} is {major}.{minor}")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return f"FA4 runs float16/bfloat16 only, the transformer is {str(dtype).replace('torch.', '')}"
-    try:
-        _fa4_func()
-    except Exception as exc:  # ImportError, or a broken cutlass-dsl install
-        return f"flash-attn-4 does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {FA4_INSTALL}"
-    return None
 
 
 def int8_unavailable(kernel: str, device: str, dtype: torch.dtype | None) -> str | None:

@@ -1,0 +1,65 @@
+"""FlashAttention-4 (package ``flash-attn-4``; Hopper and Blackwell GPUs): loading it, the custom op
+``sd3plugin::fa4_attention`` that torch.compile and CUDA graphs see as one opaque call, and why it cannot run.
+Its kernel cache's internals are behind ``sd3plugin.compat.flash_attn``."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..compat import flash_attn as facompat
+from . import fa4_prewarm
+
+FA4_INSTALL = 'pip install ".[fa4]" from a checkout (flash-attn-4 and nvidia-cutlass-dsl)'
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_func():
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func
+
+
+# The schema is spelled out: with postponed annotations (this module's __future__ import) torch 2.4, the
+# nexfort stack, cannot infer it from the signature.
+@torch.library.custom_op("sd3plugin::fa4_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v) -> Tensor")
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention over (batch, seq, heads, head_dim) tensors, softmax scale 1/sqrt(head_dim)."""
+    fa4_prewarm.wait_pending()  # a child compiling this kernel: load its result instead of compiling again
+    out = _fa4_func()(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@fa4_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def fa4_cache_dir() -> str | None:
+    """Where the imported flash-attn-4 keeps compiled kernels on disk (None: in memory only)."""
+    return facompat.cache_dir()
+
+
+def fa4_cache_flags(path: str) -> dict[str, object]:
+    """Settings that point an already imported flash-attn-4's kernel cache at ``path`` (see compat)."""
+    return facompat.cache_flags(path)
+
+
+def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
+    """Why FA4 cannot run here (None if it can)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return "FA4 needs a CUDA GPU (this run is on CPU)"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in (9, 10):
+        return (f"FA4 needs compute capability 9.x or 10.x (Hopper/Blackwell); "
+                f"{torch.cuda.get_device_name()} is {major}.{minor}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 runs float16/bfloat16 only, the transformer is {str(dtype).replace('torch.', '')}"
+    try:
+        _fa4_func()
+    except Exception as exc:  # ImportError, or a broken cutlass-dsl install
+        return f"flash-attn-4 does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {FA4_INSTALL}"
+    return None
+
+
