@@ -86,7 +86,7 @@ def generate(cfg: DictConfig) -> dict:
     import sd3plugin
 
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
-    from .optimize import resolve_device
+    from .config.resolve import resolve_device
     from .pipeline import call_kwargs, load_pipeline, output_dir, synchronize
 
     out = output_dir(cfg)

@@ -30,7 +30,7 @@ from . import fa4_prewarm, joint_attention, quantized_attention
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
-KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+from .config.choices import ATTENTION_KERNELS as KERNELS  # noqa: E402  (the one table of kernels)
 PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
 FA4_INSTALL = 'pip install "sd3plugin[fa4]" (flash-attn-4 and nvidia-cutlass-dsl)'
 

@@ -473,7 +473,7 @@ def _slug(label: str) -> str:
 def run_bench(cfg, bench: BenchConfig) -> dict:
     """Load the pipeline once, measure eager and every variant, write bench.json/.md/.png."""
     from .config import compose
-    from .optimize import resolve_device
+    from .config.resolve import resolve_device
     from .pipeline import load_pipeline, model_path, output_dir
     from .bench_report import write_outputs
 
@@ -542,7 +542,7 @@ def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe,
 def check_shared_dtype(cfg, composed, device: str) -> None:
     """All variants run on one loaded pipeline: a variant whose quant preset needs another dtype (per-row
     fp8 wants bfloat16) is refused before anything loads, with the fix."""
-    from .optimize import resolve_dtype
+    from .config.resolve import resolve_dtype
 
     base = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     for label, vcfg, _ in composed:
@@ -556,7 +556,7 @@ def check_shared_dtype(cfg, composed, device: str) -> None:
 
 def _eager(cfg):
     """The command line's config run eagerly (no compilation, no quantization), in the dtype it resolves to."""
-    from .optimize import resolve_device, resolve_dtype
+    from .config.resolve import resolve_device, resolve_dtype
 
     c = copy.deepcopy(cfg)
     c.dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device), cfg.quant.type)).split(".")[-1]

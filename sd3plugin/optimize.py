@@ -19,6 +19,7 @@ from . import attention, cache, fa4_prewarm, gelu_epilogue
 from .backends import CompilePlan, resolve_backend
 from .config import compose, parse_mode
 from .config.modes import torch_flags
+from .config.resolve import resolve_device, resolve_dtype  # noqa: F401  (moved to config; names kept)
 from .errors import BackendUnavailableError, CompileError, ConfigError
 from .global_settings import GLOBAL_SETTINGS
 
@@ -34,26 +35,6 @@ def is_sd3_transformer(obj) -> bool:
 
 def is_sd3_pipeline(obj) -> bool:
     return is_sd3_transformer(getattr(obj, "transformer", None))
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
-    return name
-
-
-def resolve_dtype(name: str, device: str, quant: str = "none") -> torch.dtype:
-    """``auto``: what the quant preset needs (bfloat16 for per-row fp8), else float16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        from .quant import preferred_dtype
-
-        needed = preferred_dtype(quant) if quant != "none" else None
-        if needed:
-            return getattr(torch, needed)
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def make_plan(cfg: DictConfig) -> CompilePlan:

@@ -13,7 +13,7 @@ from filelock import FileLock
 
 from .cache import cache_paths
 from .models import ARCHITECTURES, default_resolution, save_random_pipeline
-from .optimize import resolve_device, resolve_dtype
+from .config.resolve import resolve_device, resolve_dtype
 
 log = logging.getLogger("sd3plugin")
 

@@ -99,7 +99,7 @@ def _child(payload: dict) -> dict:
     import sd3plugin
 
     from ..config import compose
-    from ..optimize import resolve_device
+    from ..config.resolve import resolve_device
     from ..pipeline import call_kwargs, load_pipeline, model_path, synchronize
     from .megacache import compile_counters
 

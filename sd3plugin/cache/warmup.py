@@ -116,7 +116,7 @@ def _compile_shapes(cfg, shapes, steps, progress):
 
     import sd3plugin
 
-    from ..optimize import resolve_device
+    from ..config.resolve import resolve_device
     from ..pipeline import call_kwargs, load_pipeline, synchronize
 
     device = resolve_device(cfg.device)
