@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .quant_presets import preferred_dtype
+from . import quant_presets
 
 
 def resolve_device(name: str) -> str:
@@ -24,7 +24,7 @@ def resolve_dtype(name: str, device: str, quant: str = "none"):
 
     name, quant = str(name), str(quant)
     if name == "auto":
-        needed = preferred_dtype(quant) if quant != "none" else None
+        needed = quant_presets.preferred_dtype(quant) if quant != "none" else None
         if needed:
             return getattr(torch, needed)
         return torch.float16 if str(device) == "cuda" else torch.float32
