@@ -47,6 +47,6 @@ def check_hardware(cfg_or_plan, device: Optional[str] = None) -> str:
     """
     from .resolve import resolve_device
 
-    device = resolve_device(str(device if device is not None else getattr(cfg_or_plan, "device", "auto")))
-    check_quant_device(_quant_type(cfg_or_plan), device)
-    return device
+    device = str(device if device is not None else getattr(cfg_or_plan, "device", "auto"))
+    check_quant_device(_quant_type(cfg_or_plan), device)  # first: its message names the quant fix
+    return resolve_device(device)
