@@ -23,6 +23,7 @@ def test_enums_are_their_tables_and_behave_as_strings(enum, table):
     assert values(enum) == table
     for member in enum:
         assert member == member.value and str(member) == member.value and f"{member}" == member.value
+        assert f"{member!r}" == repr(member.value) and hash(member) == hash(member.value)
 
 
 def test_enum_keys_compose_from_plain_words_and_print_plainly():

@@ -10,10 +10,14 @@ from enum import Enum
 
 
 class Choice(str, Enum):
-    """A str enum that prints as its value (``f"{Device.cpu}" == "cpu"``)."""
+    """A str enum that prints as its value (``f"{Device.cpu}" == "cpu"``, ``repr(Device.cpu) == "'cpu'"``),
+    so messages and reports read as if the value were the plain string."""
 
     def __str__(self) -> str:
         return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
