@@ -8,34 +8,29 @@ Quantize before compiling: the compiled graphs then contain the quantized matmul
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
 
+from .config.hardware import FP8_MIN_CAPABILITY, check_quant_device as check_device  # noqa: F401
+from .config.quant_presets import QUANT_PRESETS, QUANT_TYPES, QuantPreset, check_quant_config, quant_preset
+from .config.quant_presets import preferred_dtype  # noqa: F401
+from .config.quant_presets import read_submodules_json as load_submodules_json
 from .errors import ConfigError
 
 log = logging.getLogger("sd3plugin")
 
-FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have fp8 tensor cores
 LICENSE_ENV = "SILICON_ONEDIFF_LICENSE_KEY"
 
 
 @dataclass(frozen=True)
-class QuantTechnique:
-    """One preset: how to build its torchao config and what it needs from the hardware."""
+class QuantTechnique(QuantPreset):
+    """A preset of ``config.quant_presets.QUANT_PRESETS`` with the torchao config it builds."""
 
-    name: str
-    description: str
-    torchao_config: Optional[Callable[[], object]]  # None for ``none``
-    fp8: bool = False
-    needs_bfloat16: bool = False  # torchao's per-row fp8 takes bfloat16 weights only
-    nexfort_quant_type: Optional[str] = None
-    default_include: tuple = ()  # fnmatch patterns of the default selection; () means DEFAULT_INCLUDE
+    torchao_config: Optional[Callable[[], object]] = None  # None for ``none``
 
 
 def _fp8_dynamic(granularity: str):
@@ -59,24 +54,14 @@ def _fp8_weight_only():
     return Float8WeightOnlyConfig(set_inductor_config=False)
 
 
-PRESETS: dict[str, QuantTechnique] = {t.name: t for t in (
-    QuantTechnique("none", "no quantization", None),
-    QuantTechnique("fp8_e4m3_e4m3_dynamic",
-                   "fp8 e4m3 weights (per output channel) and activations (per token, dynamic)",
-                   _fp8_dynamic("row"), fp8=True, needs_bfloat16=True,
-                   nexfort_quant_type="fp8_e4m3_e4m3_dynamic"),
-    QuantTechnique("fp8_e4m3_e4m3_dynamic_per_tensor",
-                   "fp8 e4m3 weights and activations, one scale per tensor (dynamic)",
-                   _fp8_dynamic("tensor"), fp8=True,
-                   nexfort_quant_type="fp8_e4m3_e4m3_dynamic_per_tensor"),
-    QuantTechnique("int8_dynamic", "int8 weights (per channel) and activations (per token, dynamic)",
-                   _int8_dynamic, nexfort_quant_type="int8_dynamic"),
-    QuantTechnique("fp8_e4m3_e4m3_weightonly",
-                   "fp8 e4m3 weights (per channel), dequantized for a 16-bit matmul: halves weight memory",
-                   _fp8_weight_only, fp8=True, nexfort_quant_type="fp8_e4m3_e4m3_weightonly",
-                   default_include=("transformer_blocks.*",)),
-)}
-QUANT_TYPES = tuple(PRESETS)
+_TORCHAO_CONFIGS = {"none": None, "fp8_e4m3_e4m3_dynamic": _fp8_dynamic("row"),
+                    "fp8_e4m3_e4m3_dynamic_per_tensor": _fp8_dynamic("tensor"), "int8_dynamic": _int8_dynamic,
+                    "fp8_e4m3_e4m3_weightonly": _fp8_weight_only}
+if set(_TORCHAO_CONFIGS) != set(QUANT_PRESETS):
+    raise ImportError(f"quant presets without a torchao config: {set(QUANT_PRESETS) ^ set(_TORCHAO_CONFIGS)}")
+PRESETS: dict[str, QuantTechnique] = {
+    name: QuantTechnique(**{f.name: getattr(p, f.name) for f in fields(p)}, torchao_config=_TORCHAO_CONFIGS[name])
+    for name, p in QUANT_PRESETS.items()}
 
 # Default layer selection: the image-stream matmuls of the repeated blocks, which carry almost all
 # linear FLOPs (8192 of 8858 rows per step at 1024x1024) and where fp8 GEMMs run 1.5-1.7x faster on an
@@ -96,82 +81,19 @@ _FUSED = {"to_q": "to_qkv", "to_k": "to_qkv", "to_v": "to_qkv",
 
 
 def preset(name: str) -> QuantTechnique:
-    if name not in PRESETS:
-        raise ConfigError(f"quant={name!r} is not a quantization preset; valid presets: {', '.join(QUANT_TYPES)}")
+    quant_preset(name)  # ConfigError listing the valid presets
     return PRESETS[name]
 
 
-def _fix_hint(name: str) -> str:
-    return "use quant=int8_dynamic or quant=none" if PRESETS[name].fp8 else "use quant=none"
-
-
-def check_device(name: str, device: str) -> None:
-    """fp8 presets need CUDA with compute capability >= 8.9; raise a ConfigError naming what was found."""
-    tech = preset(name)
-    if not tech.fp8:
-        return
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cuda" or not torch.cuda.is_available():
-        where = f"this run is on {device.upper()}" if device != "cuda" else "no CUDA GPU is visible to torch"
-        raise ConfigError(f"quant={name} needs an NVIDIA GPU with compute capability >= 8.9 (Ada, Hopper or "
-                          f"newer) but {where}; {_fix_hint(name)}")
-    cap = torch.cuda.get_device_capability()
-    if tuple(cap) < FP8_MIN_CAPABILITY:
-        gpu = torch.cuda.get_device_name()
-        raise ConfigError(f"quant={name} needs fp8 tensor cores (compute capability >= 8.9) but the GPU is "
-                          f"{gpu} with compute capability {cap[0]}.{cap[1]}; {_fix_hint(name)}")
-
-
-def preferred_dtype(name: str) -> Optional[str]:
-    """The dtype a preset needs when ``dtype=auto`` (None: any)."""
-    return "bfloat16" if preset(name).needs_bfloat16 else None
-
-
 def validate_quant(qcfg, tokens=(), device: Optional[str] = None, dtype: Optional[str] = None) -> None:
-    """Config-time checks: preset name, mode token, fp8 hardware, dtype, percentage, JSON file."""
-    tech = preset(qcfg.type)
-    if "quant" in tokens and qcfg.type == "none":
-        raise ConfigError("mode token 'quant' needs a quantization preset, but quant=none; set "
-                          f"quant=<one of {', '.join(t for t in QUANT_TYPES if t != 'none')}> "
-                          "or drop 'quant' from mode.spec")
-    if not 0 < float(qcfg.top_percentage) <= 100:
-        raise ConfigError(f"quant.top_percentage={qcfg.top_percentage} must be in (0, 100]: the share of the "
-                          "modules listed in quant.submodules_config_path to quantize, best metric first")
-    if qcfg.type == "none":
-        return
-    if device is not None:
-        check_device(qcfg.type, device)
-    if tech.needs_bfloat16 and dtype not in (None, "auto", "bfloat16"):
-        raise ConfigError(f"quant={qcfg.type} (torchao per-row fp8) needs bfloat16 weights but dtype={dtype}; "
-                          "set dtype=bfloat16, or use quant=fp8_e4m3_e4m3_dynamic_per_tensor with float16")
-    if qcfg.submodules_config_path:
-        load_submodules_json(qcfg.submodules_config_path)
+    """Config-time checks, pure (no hardware): preset name, mode token, device/dtype as configured,
+    percentage, JSON file. The GPU is checked by ``check_device`` when the plan is applied."""
+    check_quant_config(qcfg, tokens, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Layer selection
 # ---------------------------------------------------------------------------------------------------
-
-def load_submodules_json(path) -> dict[str, float]:
-    """Read the seed's JSON form ``{module_name: {"ssim": 0.99, ...}, ...}`` -> {name: ssim}."""
-    path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"quant.submodules_config_path={str(path)!r} does not exist; give the JSON file "
-                          "mapping module names to metrics (e.g. fp8_e4m3.json) or leave it unset")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"quant.submodules_config_path={str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{path}: expected a non-empty JSON object mapping module names to metrics, "
-                          'e.g. {"transformer_blocks.0.attn.to_q": {"ssim": 0.998}}')
-    bad = [k for k, v in data.items() if not isinstance(v, dict) or not isinstance(v.get("ssim"), (int, float))]
-    if bad:
-        raise ConfigError(f"{path}: entries without a numeric 'ssim' metric: {', '.join(bad[:10])}"
-                          f"{' ...' if len(bad) > 10 else ''}; each entry must look like {{\"ssim\": 0.998}}")
-    return {k: float(v["ssim"]) for k, v in data.items()}
-
 
 def top_modules(metrics: dict[str, float], top_percentage: float) -> list[str]:
     """The best ``top_percentage`` percent of modules by SSIM (highest first), as onediffx does."""

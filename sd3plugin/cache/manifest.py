@@ -10,11 +10,13 @@ import hashlib
 import json
 import platform
 
-from omegaconf import OmegaConf
+from enum import Enum
 
-# Config keys that change what gets compiled (run settings such as prompt, steps or seed do not).
-COMPILE_KEYS = ("model", "backend", "mode", "memory_format", "dynamic", "quant", "backend_options",
-                "fuse_qkv", "attention", "compile_vae", "device", "dtype")
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..config.resolve import resolve_device, resolve_dtype
+from ..config.schema import compile_keys
+
 # Environment keys that must match for compiled artefacts to load; the rest only warn.
 REQUIRED_MATCH = ("torch", "triton", "python", "machine", "cuda", "gpu_capability")
 WARN_MATCH = ("gpu", "cudnn", "diffusers", "sd3plugin")
@@ -93,18 +95,27 @@ def _hub_cached_config(repo_id: str) -> dict | None:
         return None
 
 
-def compile_config(cfg) -> dict:
-    """The part of a composed config that determines the compiled graphs (device/dtype resolved)."""
-    from ..config.resolve import resolve_device, resolve_dtype
+def _plain(value):
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    return str(value) if isinstance(value, Enum) else value
 
-    data = OmegaConf.to_container(cfg, resolve=True)
-    out = {k: data.get(k) for k in COMPILE_KEYS}
+
+def compile_config(cfg) -> dict:
+    """The part of a composed config that determines the compiled graphs: every compile key of the schema
+    (``config.schema.compile_keys()``), nested as in the config, device and dtype resolved, plus the
+    model's architecture. Run keys (prompt, steps, cache_dir...) are left out."""
+    out: dict = {}
+    for key in compile_keys():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _plain(OmegaConf.select(cfg, key, default=None))
     out["architecture"] = architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device
     out["dtype"] = str(resolve_dtype(cfg.dtype, device, cfg.quant.type)).split(".")[-1]
-    if isinstance(out.get("mode"), dict):
-        out["mode"] = {"spec": out["mode"].get("spec", "")}  # name/description do not change graphs
     return out
 
 

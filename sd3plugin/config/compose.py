@@ -8,45 +8,33 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..compat.hydra import apply_overrides, isolated_global_hydra, parse_overrides
 from ..errors import ConfigError
 from . import schema
-from .modes import parse_mode
+from .presets import CONFIG_MODULE, GROUPS, conf_dir, group_options, preset_node, unknown_option  # noqa: F401
+from .validate import check_choice, choices, validate
 
-CONFIG_MODULE = "sd3plugin.conf"
-GROUPS = ("mode", "memory_format", "dynamic", "quant")
-
-
-def conf_dir() -> Path:
-    return Path(str(resources.files(CONFIG_MODULE)))
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+__all__ = ["compose", "validate", "normalize_overrides", "group_options", "to_json", "GROUPS"]
 
 
 @contextmanager
 def _hydra_context():
     """Initialise Hydra on our config module, keeping any Hydra already initialised (e.g. in an app)."""
     from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
 
     schema.register()
-    gh = GlobalHydra.instance()
-    saved = gh.hydra if gh.is_initialized() else None
-    gh.clear()
-    try:
+    with isolated_global_hydra():
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             yield
-    finally:
-        GlobalHydra.instance().clear()
-        if saved is not None:
-            GlobalHydra.instance().initialize(saved)
+
+
+def _valid_keys() -> str:
+    return ", ".join(schema.top_level_keys())
 
 
 def _explain(exc: Exception, overrides: list[str]) -> str:
@@ -54,17 +42,45 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
     for group in GROUPS:
         if f"'{group}/" in msg or f"in '{group}'" in msg or f"{group}=" in msg and "Could not find" in msg:
             bad = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == group), "?")
-            return (f"unknown {group} option {bad!r}; valid options: {', '.join(group_options(group))}"
-                    + (" (or set any spec string with mode.spec=...)" if group == "mode" else ""))
+            return str(unknown_option(group, bad.strip("'\"")))
+    cause = exc.__cause__ or exc.__context__
+    for candidate in (exc, cause):
+        bad_choice = _bad_choice(candidate)
+        if bad_choice:
+            return bad_choice
     if "not in struct" in msg or "Could not override" in msg or "Key '" in msg and "not" in msg:
         key = msg.split("'")[1] if "'" in msg else "?"
-        valid = ", ".join(k for k in schema.SD3PluginConfig.__dataclass_fields__)
-        return f"unknown config key {key!r}; valid keys: {valid}"
-    cause = exc.__cause__ or exc.__context__
+        return f"unknown config key {key!r}; valid keys: {_valid_keys()}"
     lines = [line.strip() for line in msg.strip().splitlines() if line.strip()]
     if cause is not None:
         lines += [line.strip() for line in str(cause).strip().splitlines()[:1] if line.strip()]
     return "invalid config: " + "; ".join(lines)
+
+
+def _bad_choice(exc) -> str | None:
+    """An enum key given a value outside its table: the same message validate() gives."""
+    key = getattr(exc, "full_key", None)
+    valid = choices().get(str(key)) if key else None
+    if valid is None or "Invalid value '" not in str(exc):
+        return None
+    value = str(exc).split("Invalid value '", 1)[1].split("'", 1)[0]
+    try:
+        check_choice(str(key), value, valid)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def check_added_keys(overrides: Iterable[str]) -> None:
+    """``+key=value`` adds a key in Hydra even to a typed config: refuse keys the schema does not have
+    (``+stepz=4``). Keys below a free-form mapping (``+backend_options.x=1``) and ``hydra.*`` are fine."""
+    for override in parse_overrides(overrides):
+        if not (override.is_add() or override.is_force_add()):
+            continue
+        key = override.key_or_group
+        if key == "hydra" or key.startswith("hydra.") or schema.is_known_key(key):
+            continue
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {_valid_keys()}")
 
 
 def normalize_overrides(overrides: Iterable[str]) -> list[str]:
@@ -88,6 +104,7 @@ def compose(cfg: DictConfig | Mapping | str | os.PathLike | None = None,
         validate(cfg)
         return cfg
     try:
+        check_added_keys(overrides)
         with _hydra_context():
             base = hydra_compose(config_name="config", overrides=overrides if cfg is None else [])
             if cfg is not None:
@@ -99,12 +116,7 @@ def compose(cfg: DictConfig | Mapping | str | os.PathLike | None = None,
                 if groups:
                     base = _merge_user(base, OmegaConf.create(groups))
                 if rest:
-                    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-                    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-                    OmegaConf.set_struct(base, True)
-                    ConfigLoaderImpl._apply_overrides_to_config(
-                        OverridesParser.create().parse_overrides(rest), base)
+                    apply_overrides(base, rest)
     except ConfigError:
         raise
     except Exception as exc:  # hydra / omegaconf composition errors
@@ -132,43 +144,12 @@ def _merge_user(base: DictConfig, user: DictConfig) -> DictConfig:
     user.pop("hydra", None)
     user.pop("defaults", None)
     for group in GROUPS:
+        if isinstance(user.get(group), bool):  # ``dynamic: true`` in YAML names the preset "true"
+            user[group] = str(user[group]).lower()
         if isinstance(user.get(group), str):
-            name = user.pop(group)
-            path = conf_dir() / group / f"{name}.yaml"
-            if not path.is_file():
-                raise ConfigError(f"unknown {group} option {name!r}; valid options: "
-                                  f"{', '.join(group_options(group))}")
-            base[group] = OmegaConf.merge(base[group], OmegaConf.load(path))
+            base[group] = OmegaConf.merge(base[group], preset_node(group, user.pop(group)))
     return OmegaConf.merge(base, user)
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Check values Hydra's types cannot: choices, mode tokens, shapes. Raises ConfigError."""
-    def choice(key, value, valid):
-        if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
-
-    choice("backend", cfg.backend, schema.BACKENDS)
-    choice("on_error", cfg.on_error, schema.ON_ERROR)
-    choice("attention", cfg.attention, schema.ATTENTION)
-    choice("device", cfg.device, schema.DEVICES)
-    choice("dtype", cfg.dtype, schema.DTYPES)
-    choice("memory_format", cfg.memory_format.name, schema.MEMORY_FORMATS)
-    tokens = parse_mode(cfg.mode.spec)
-    from ..quant import validate_quant
-
-    validate_quant(cfg.quant, tokens, device=cfg.device, dtype=cfg.dtype)
-    for key in ("steps", "num_images"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be at least 1")
-    for key in ("height", "width"):
-        if cfg[key] is not None and cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be a positive number of pixels")
-    from ..models import check_resolution
-
-    check_resolution(cfg.model, cfg.height, cfg.width)
-    return cfg
-
-
 def to_json(cfg: DictConfig) -> str:
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=2, sort_keys=True)
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), indent=2, sort_keys=True)

@@ -1,90 +1,180 @@
-"""Typed schema of the sd3plugin config (Hydra structured config).
+"""Typed schema of the sd3plugin config (Hydra structured config), every key a COMPILE or a RUN key.
 
-The dataclasses give every key its type; ``conf/`` holds the YAML presets that compose on top of them.
-``register()`` puts the schema in Hydra's ConfigStore under ``sd3plugin_schema`` (the first entry of
-``conf/config.yaml``'s defaults list), so an unknown key or a wrong type fails at composition.
+A compile key changes the compiled graphs or kernels: its value is part of the cache fingerprint
+(``sd3plugin.cache.manifest.fingerprint``). A run key only changes a run (prompt, steps, where files go...).
+``compile_keys()`` and ``run_keys()`` list the dotted leaf keys, derived from the dataclasses below.
+
+``conf/config.yaml`` composes on top of the schema, ``conf/mode/*.yaml`` are the mode presets; the
+``quant``, ``memory_format`` and ``dynamic`` groups are generated from tables (``config/presets.py``).
+``register()`` puts the schema (``sd3plugin_schema``) and those groups in Hydra's ConfigStore, so an
+unknown key or a wrong type fails at composition.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING
 
+from .choices import (ATTENTION_KERNELS, DEVICES, DTYPES, MEMORY_FORMATS, ON_ERROR, Attention, Device,  # noqa: F401
+                      Dtype, MemoryFormat, OnError)
+
+# The one table of backend names. sd3plugin.backends registers its backends under these names and adds
+# a plugin backend's new name here (config never imports backends). ``auto`` picks one of the others.
 BACKENDS = ("auto", "inductor", "nexfort", "eager")
-ON_ERROR = ("fallback", "raise")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-MEMORY_FORMATS = ("channels_last", "contiguous_format", "preserve")
-ATTENTION = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+ATTENTION = ATTENTION_KERNELS  # name kept from before the tables moved to choices.py
+
+
+def _env_flag(var: str) -> str:
+    """Default of a boolean key that an environment variable may switch off (``VAR=0``)."""
+    return "${oc.env:" + var + ",true}"
+
+
+_UNSET = dataclasses.MISSING
+
+
+def compile_field(default=_UNSET, *, default_factory=_UNSET):
+    """A key whose value changes the compiled graphs (part of the cache fingerprint)."""
+    return field(default=default, default_factory=default_factory, metadata={"compile": True})
+
+
+def run_field(default=_UNSET, *, default_factory=_UNSET):
+    """A key that only changes a run; compiled artefacts are shared across its values."""
+    return field(default=default, default_factory=default_factory, metadata={"compile": False})
+
+
+def group_field(cls):
+    """A nested group of keys (each of them classified itself)."""
+    return field(default_factory=cls, metadata={"group": True})
 
 
 @dataclass
 class ModeConfig:
     """A compile mode: ``spec`` is a colon-separated token string, as in onediff/nexfort."""
 
-    name: str = MISSING
-    spec: str = ""
-    description: str = ""
+    name: str = run_field(MISSING)
+    spec: str = compile_field("")
+    description: str = run_field("")
 
 
 @dataclass
 class MemoryFormatConfig:
-    name: str = "channels_last"
+    name: MemoryFormat = compile_field(MemoryFormat.channels_last)
 
 
 @dataclass
 class DynamicConfig:
     """``enabled``: mark height/width dynamic so new resolutions reuse one compiled graph."""
 
-    enabled: bool = False
+    enabled: bool = compile_field(False)
     # Dynamo's per-code-object recompile limit; static shapes recompile once per resolution.
-    recompile_limit: int = 64
+    recompile_limit: int = compile_field(64)
 
 
 @dataclass
 class QuantConfig:
     """Quantization preset (see docs/quantization.md); ``type: none`` leaves weights as they are."""
 
-    type: str = "none"
-    submodules_config_path: Optional[str] = None
-    top_percentage: float = 100.0
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    type: str = compile_field("none")
+    submodules_config_path: Optional[str] = compile_field(None)
+    top_percentage: float = compile_field(100.0)
+    include: list[str] = compile_field(default_factory=list)
+    exclude: list[str] = compile_field(default_factory=list)
 
 
 @dataclass
 class SD3PluginConfig:
-    model: str = "tiny"
-    backend: str = "auto"
-    mode: ModeConfig = field(default_factory=ModeConfig)
-    memory_format: MemoryFormatConfig = field(default_factory=MemoryFormatConfig)
-    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    model: str = compile_field("tiny")
+    backend: str = compile_field("auto")  # one of BACKENDS (a plugin may add one): checked by validate()
+    mode: ModeConfig = group_field(ModeConfig)
+    memory_format: MemoryFormatConfig = group_field(MemoryFormatConfig)
+    dynamic: DynamicConfig = group_field(DynamicConfig)
+    quant: QuantConfig = group_field(QuantConfig)
     # Extra options handed to the backend as they are (inductor config keys, nexfort options).
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    fuse_qkv: bool = True
-    fuse_gelu: bool = True
-    # Attention kernel of the optimized transformer: auto (FA4 where it runs, else sdpa) | sdpa | fa4.
-    attention: str = "auto"
-    compile_vae: bool = False
-    cache_dir: str = "${oc.env:SD3PLUGIN_CACHE_DIR,${oc.env:HOME,/tmp}/.cache/sd3plugin}"
-    on_error: str = "fallback"
-    device: str = "auto"
-    dtype: str = "auto"
+    backend_options: dict[str, Any] = compile_field(default_factory=dict)
+    fuse_qkv: bool = compile_field(True)
+    fuse_gelu: bool = compile_field(True)
+    # Attention kernel of the optimized transformer: auto (FA4 where it runs, else sdpa) | sdpa | fa4 | 8-bit.
+    attention: Attention = compile_field(Attention.auto)
+    # With attention=fa4: SD3's joint attention as one op without copies (False: separate ops).
+    joint_attention: bool = compile_field(_env_flag("SD3PLUGIN_JOINT_ATTENTION"))
+    compile_vae: bool = compile_field(False)
+    # Prepare for LoRA hot-swapping up to this rank without recompiling (None: no hot-swapping).
+    lora_hotswap_rank: Optional[int] = compile_field(None)
+    device: Device = compile_field(Device.auto)
+    dtype: Dtype = compile_field(Dtype.auto)
+    cache_dir: str = run_field("${oc.env:SD3PLUGIN_CACHE_DIR,${oc.env:HOME,/tmp}/.cache/sd3plugin}")
+    on_error: OnError = run_field(OnError.fallback)
+    # Compile FlashAttention-4's kernel in a child process during compilation (False: at its first call).
+    fa4_prewarm: bool = run_field(_env_flag("SD3PLUGIN_FA4_PREWARM"))
+    # Reuse cached coordinate-descent tuning results at a warm start.
+    keep_coordesc: bool = run_field(_env_flag("SD3PLUGIN_KEEP_COORDESC"))
     # Run settings (sd3plugin-run, sd3plugin-bench, sd3plugin-cache warm/verify).
-    prompt: str = "a photo of an astronaut riding a horse on the moon"
-    negative_prompt: str = ""
-    height: Optional[int] = None
-    width: Optional[int] = None
-    steps: int = 28
-    guidance_scale: float = 7.0
-    seed: int = 0
-    num_images: int = 1
-    output_dir: Optional[str] = None
+    prompt: str = run_field("a photo of an astronaut riding a horse on the moon")
+    negative_prompt: str = run_field("")
+    height: Optional[int] = run_field(None)
+    width: Optional[int] = run_field(None)
+    steps: int = run_field(28)
+    guidance_scale: float = run_field(7.0)
+    seed: int = run_field(0)
+    num_images: int = run_field(1)
+    output_dir: Optional[str] = run_field(None)
+
+
+def top_level_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SD3PluginConfig))
+
+
+def leaf_fields(cls=SD3PluginConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every leaf key of the schema, groups expanded, in schema order."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            yield from leaf_fields(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def is_compile_key(f: dataclasses.Field) -> bool:
+    """True for a compile key; a field that is neither marked compile nor run is a schema error."""
+    if "compile" not in f.metadata:
+        raise TypeError(f"schema field {f.name!r} is not classified: declare it with compile_field() or run_field()")
+    return bool(f.metadata["compile"])
+
+
+def compile_keys() -> tuple[str, ...]:
+    """Dotted keys whose values change the compiled graphs: what the cache fingerprint hashes."""
+    return tuple(key for key, f in leaf_fields() if is_compile_key(f))
+
+
+def run_keys() -> tuple[str, ...]:
+    return tuple(key for key, f in leaf_fields() if not is_compile_key(f))
+
+
+def free_form_keys() -> tuple[str, ...]:
+    """Keys holding a free-form mapping: any key below them is accepted (``+backend_options.x=1``)."""
+    return tuple(key for key, f in leaf_fields() if _is_dict_type(f.type))
+
+
+def _is_dict_type(tp) -> bool:
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return text.startswith(("dict", "Dict"))
+
+
+def is_known_key(key: str) -> bool:
+    """Whether ``key`` (dotted) names a key or group of the schema, or lies below a free-form mapping."""
+    leaves = {k for k, _ in leaf_fields()}
+    groups = {f.name for f in dataclasses.fields(SD3PluginConfig) if f.metadata.get("group")}
+    return (key in leaves or key in groups
+            or any(key.startswith(f"{free}.") for free in free_form_keys()))
 
 
 def register() -> None:
+    """Store the schema and the generated preset groups in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="sd3plugin_schema", node=SD3PluginConfig)
+    from .presets import register_generated_groups
+
+    cs = ConfigStore.instance()
+    cs.store(name="sd3plugin_schema", node=SD3PluginConfig)
+    register_generated_groups(cs)

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import diffusers as dcompat
+from ..config.choices import ATTENTION_KERNELS as KERNELS  # one table: the config's
 from ..errors import ConfigError
 from . import joint_attention, quantized_attention
 from .fa4 import FA4_INSTALL, fa4_attention, fa4_unavailable  # noqa: F401  (FA4_INSTALL: re-exported)
 
 log = logging.getLogger("sd3plugin")
-KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
 PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
 
 
