@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import parse_mode
-from .config.resolve import resolve_device, resolve_dtype
+from .config import check_hardware, parse_mode
+from .config.resolve import resolve_dtype
 
 
 @dataclass
@@ -54,7 +54,8 @@ def _get(cfg, key, default):
 
 
 def make_plan(cfg: DictConfig) -> Plan:
-    device = resolve_device(cfg.device)
+    """The plan of ``cfg`` on this machine; ConfigError when the hardware cannot run it (fp8 on an old GPU...)."""
+    device = check_hardware(cfg)
     return Plan(
         mode_spec=cfg.mode.spec, tokens=parse_mode(cfg.mode.spec), device=device,
         dynamic=bool(cfg.dynamic.enabled), recompile_limit=int(cfg.dynamic.recompile_limit),

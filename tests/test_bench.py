@@ -233,7 +233,7 @@ def test_cuda_graph_runner_replays_per_shape_and_matches_plain_calls():
 def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
     from sd3plugin.apps import bench as bench_mod
 
-    monkeypatch.setattr("sd3plugin.quant.preferred_dtype", lambda q: "bfloat16" if q == "int8_dynamic" else None)
+    monkeypatch.setattr("sd3plugin.config.quant_presets.preferred_dtype", lambda q: "bfloat16" if q == "int8_dynamic" else None)
     cfg = compose(None, ["model=tiny", "device=cpu"])
     composed = [("q", compose(cfg, ["quant=int8_dynamic"]), ["quant=int8_dynamic"])]
     with pytest.raises(ConfigError, match="needs dtype bfloat16 .* set dtype=bfloat16 on the command line"):

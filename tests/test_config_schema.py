@@ -35,7 +35,7 @@ def test_enum_keys_compose_from_plain_words_and_print_plainly():
 
 
 def test_attention_kernels_come_from_the_config_table():
-    from sd3plugin import attention
+    from sd3plugin.kernels import attention
 
     assert attention.KERNELS is ATTENTION_KERNELS
 

@@ -129,7 +129,13 @@ def test_installed_by_default_off_with_env_and_restored(monkeypatch):
 
     if not hasattr(CachingAutotuner, "recheck_autotune_cache"):
         pytest.skip("this torch has no CachingAutotuner.recheck_autotune_cache (before 2.8)")
-    original = CachingAutotuner.recheck_autotune_cache
+    from sd3plugin.global_settings import GlobalSettings
+
+    settings = GlobalSettings()  # its own ledger: pipelines optimized by earlier tests may hold the method
+    monkeypatch.setattr(coordesc, "GLOBAL_SETTINGS", settings)
+    current = CachingAutotuner.recheck_autotune_cache
+    original = getattr(current, "sd3plugin_original", current)
+    monkeypatch.setattr(CachingAutotuner, "recheck_autotune_cache", original)
     monkeypatch.setenv(coordesc.ENV, "0")
     assert coordesc.install() is False and CachingAutotuner.recheck_autotune_cache is original
     monkeypatch.delenv(coordesc.ENV)
@@ -139,5 +145,5 @@ def test_installed_by_default_off_with_env_and_restored(monkeypatch):
         assert wrapped is not original and wrapped.sd3plugin_original is original
         assert coordesc.install() is True and CachingAutotuner.recheck_autotune_cache is wrapped  # once
     finally:
-        GLOBAL_SETTINGS.restore()
+        settings.restore()
     assert CachingAutotuner.recheck_autotune_cache is original

@@ -207,7 +207,7 @@ def test_hotswap_switches_loras_without_recompiling(tiny_path, loras):
     """Compiled for real: after the first LoRA, swapping another in compiles nothing new."""
     plain = _load(tiny_path)
     opt = sd3plugin.optimize(_load(tiny_path), overrides=["backend=inductor", "device=cpu",
-                                                            "+lora_hotswap_rank=8"])
+                                                            "lora_hotswap_rank=8"])
     _latents(opt)
     _both(plain, opt, lambda p: p.load_lora_weights(loras["a"], adapter_name="x"))
     assert _diff(_latents(plain), _latents(opt)) < TOL

@@ -80,14 +80,17 @@ def test_presets_exist_and_map_to_torchao():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
 @pytest.mark.parametrize("name", FP8)
 def test_fp8_on_cpu_fails_at_config_time(name):
+    from sd3plugin.config import check_hardware
+
+    # device=cpu contradicts the preset itself: refused while composing; auto is checked against the machine
     for device in ("cpu", "auto"):
         with pytest.raises(ConfigError) as err:
-            compose(overrides=[f"quant={name}", f"device={device}"])
+            check_hardware(compose(overrides=[f"quant={name}", f"device={device}"]))
         msg = str(err.value)
         assert f"quant={name}" in msg and "CPU" in msg and "8.9" in msg
         assert "quant=int8_dynamic" in msg and "quant=none" in msg
     with pytest.raises(ConfigError, match="but no CUDA GPU is visible to torch; use quant=int8_dynamic"):
-        compose(overrides=[f"quant={name}", "device=cuda"])
+        check_hardware(compose(overrides=[f"quant={name}", "device=cuda"]))
 
 
 def _fake_gpu(monkeypatch, name, cap):
@@ -98,8 +101,10 @@ def _fake_gpu(monkeypatch, name, cap):
 
 def test_fp8_on_old_gpu_names_gpu_and_capability(monkeypatch):
     _fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
+    from sd3plugin.config import check_hardware
+
     with pytest.raises(ConfigError) as err:
-        compose(overrides=["quant=fp8_e4m3_e4m3_dynamic_per_tensor", "device=cuda"])
+        check_hardware(compose(overrides=["quant=fp8_e4m3_e4m3_dynamic_per_tensor", "device=cuda"]))
     msg = str(err.value)
     assert "NVIDIA A100-SXM4-80GB" in msg and "compute capability 8.0" in msg
     assert "quant=int8_dynamic" in msg and "quant=none" in msg

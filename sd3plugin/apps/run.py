@@ -168,11 +168,12 @@ def report_markdown(result: dict) -> str:
 
 
 def _task(cfg: DictConfig) -> None:
-    from ..config import validate
+    from ..config import check_hardware, validate
 
     logging.getLogger("sd3plugin").setLevel(logging.INFO)
     try:
         validate(cfg)
+        check_hardware(cfg)  # before building or loading anything
         generate(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
