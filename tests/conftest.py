@@ -93,3 +93,34 @@ def loras(tiny_path, tmp_path_factory):
     return {"a": make_lora(t, root / "a", 1, ALL_TARGETS),
             "b": make_lora(t, root / "b", 2, ("to_q", "to_v", "ff.net.0.proj")),
             "a2": make_lora(t, root / "a2", 3, ALL_TARGETS)}
+
+
+class SD3Helpers:
+    """Random tiny SD3 transformers, their inputs and the relative error (the ``sd3`` fixture)."""
+
+    @staticmethod
+    def transformer(variant: str):
+        from diffusers import SD3Transformer2DModel
+
+        from sd3plugin.models import architecture
+
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(**architecture(variant).transformer).eval()
+
+    @staticmethod
+    def inputs(t) -> dict:
+        g = torch.Generator().manual_seed(1)
+        c = t.config
+        return dict(hidden_states=torch.randn(2, c.in_channels, 16, 16, generator=g),
+                    encoder_hidden_states=torch.randn(2, 7, c.joint_attention_dim, generator=g),
+                    pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+                    timestep=torch.tensor([500.0, 20.0]))
+
+    @staticmethod
+    def rel(a, b) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def sd3():
+    return SD3Helpers

@@ -14,31 +14,11 @@ from sd3plugin.models import architecture
 TOL = 1e-5  # fp32 on CPU: the same math in another order (one fused matmul instead of three)
 
 
-def _transformer(variant: str):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(**architecture(variant).transformer).eval()
-
-
-def _inputs(t):
-    g = torch.Generator().manual_seed(1)
-    c = t.config
-    return dict(hidden_states=torch.randn(2, c.in_channels, 16, 16, generator=g),
-                encoder_hidden_states=torch.randn(2, 7, c.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([500.0, 20.0]))
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("variant", ["tiny", "tiny-sd3.5"])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_processor_matches_diffusers(variant, fuse):
-    t = _transformer(variant)
-    x = _inputs(t)
+def test_processor_matches_diffusers(variant, fuse, sd3):
+    t = sd3.transformer(variant)
+    x = sd3.inputs(t)
     keys = set(t.state_dict())
     with torch.no_grad():
         ref = t(**x).sample
@@ -47,7 +27,7 @@ def test_processor_matches_diffusers(variant, fuse):
             assert fp.fuse() > 0
         undo = set_processors(t, "sdpa").remove
         out = t(**x).sample
-    assert _rel(out, ref) < TOL, _rel(out, ref)
+    assert sd3.rel(out, ref) < TOL, sd3.rel(out, ref)
     if variant == "tiny-sd3.5":  # the q/k norm really matters here: dropping it moves the output
         assert t.transformer_blocks[0].attn.norm_q is not None
     undo()
@@ -57,13 +37,13 @@ def test_processor_matches_diffusers(variant, fuse):
         fp.unfuse()
         assert set(t.state_dict()) == keys
     with torch.no_grad():
-        assert _rel(t(**x).sample, ref) < TOL
+        assert sd3.rel(t(**x).sample, ref) < TOL
 
 
-def test_dropping_the_qk_norm_is_detected():
+def test_dropping_the_qk_norm_is_detected(sd3):
     """The SD3.5 comparison above can fail: without the q/k norm the output moves well past TOL."""
-    t = _transformer("tiny-sd3.5")
-    x = _inputs(t)
+    t = sd3.transformer("tiny-sd3.5")
+    x = sd3.inputs(t)
     with torch.no_grad():
         ref = t(**x).sample
         for _, m in attention_modules(t):
@@ -72,7 +52,7 @@ def test_dropping_the_qk_norm_is_detected():
                 m.norm_added_q = m.norm_added_k = None
         set_processors(t, "sdpa")
         out = t(**x).sample
-    assert _rel(out, ref) > 100 * TOL
+    assert sd3.rel(out, ref) > 100 * TOL
 
 
 def test_kernel_choice_on_cpu():
@@ -99,7 +79,7 @@ def test_attention_fa4_on_cpu_is_a_config_error_and_loses_nothing(tiny_path):
 
 
 @pytest.mark.gpu
-def test_fa4_matches_sdpa_on_gpu():
+def test_fa4_matches_sdpa_on_gpu(sd3):
     if attention.fa4_unavailable("cuda", torch.float16):
         pytest.skip(attention.fa4_unavailable("cuda", torch.float16))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -107,14 +87,14 @@ def test_fa4_matches_sdpa_on_gpu():
     ref = attention._attend("sdpa", q, k, v)
     out = attention.fa4_attention(q, k, v)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert _rel(out.float(), ref.float()) < 2e-3
+    assert sd3.rel(out.float(), ref.float()) < 2e-3
     compiled = torch.compile(lambda a, b, c: attention.fa4_attention(a, b, c) * 2)
-    assert _rel(compiled(q, k, v).float(), 2 * ref.float()) < 2e-3
+    assert sd3.rel(compiled(q, k, v).float(), 2 * ref.float()) < 2e-3
 
 
-def test_other_processors_are_left_in_place():
+def test_other_processors_are_left_in_place(sd3):
     """A processor sd3plugin does not reproduce (IP-Adapter's, a user's own) keeps running, with its inputs."""
-    t = _transformer("tiny")
+    t = sd3.transformer("tiny")
 
     class Custom:
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):

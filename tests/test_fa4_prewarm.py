@@ -93,15 +93,16 @@ def _job(code: str) -> fa4_prewarm.Prewarm:
     return fa4_prewarm.Prewarm([sys.executable, "-c", code], status)
 
 
-def test_first_call_waits_for_the_child_and_records_it(monkeypatch):
-    job = _job("import time; time.sleep(0.5)")
+def test_first_call_waits_for_the_child_and_records_it(monkeypatch, tmp_path):
+    done = tmp_path / "done"
+    # the child's last act is writing `done`: if wait_pending() returned early, the file would be missing
+    job = _job(f"import pathlib, time; time.sleep(0.3); pathlib.Path({str(done)!r}).write_text('1')")
     monkeypatch.setattr(fa4_prewarm, "_PENDING", [job])
     assert job.status["state"] == "running"
-    t0 = time.perf_counter()
     fa4_prewarm.wait_pending()
-    assert time.perf_counter() - t0 >= 0.3  # it really waited for the child
+    assert done.read_text() == "1"  # it really waited for the child
     assert fa4_prewarm._PENDING == []
-    assert job.status["state"] == "done" and job.status["seconds"] >= 0.5
+    assert job.status["state"] == "done" and job.status["seconds"] > 0
     fa4_prewarm.wait_pending()  # nothing left: returns at once
 
 
@@ -114,7 +115,7 @@ def test_a_failing_child_is_reported_and_the_parent_goes_on(caplog):
 
 
 def test_a_hanging_child_is_killed_after_the_timeout():
-    job = _job("import time; time.sleep(60)")
+    job = _job("import threading; threading.Event().wait()")  # a child that never ends
     t0 = time.perf_counter()
     assert job.wait(timeout=0.5) is False
     assert time.perf_counter() - t0 < 10

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from sd3plugin.kernels import gelu_epilogue
-from tests.test_attention import _inputs, _rel, _transformer
 
 
 def _gelu_modules(t):
@@ -14,19 +13,19 @@ def _gelu_modules(t):
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny-sd3.5"])
-def test_fuse_gelu_matches_eager_compiled_and_undoes(variant):
+def test_fuse_gelu_matches_eager_compiled_and_undoes(variant, sd3):
     """Every tanh-GELU projection is routed through the op; the transformer's output is unchanged (fp32 on
     CPU: the same math, 1e-5), also under torch.compile with the op as one opaque call; undo restores."""
-    t = _transformer(variant)
-    x = _inputs(t)
+    t = sd3.transformer(variant)
+    x = sd3.inputs(t)
     with torch.no_grad():
         ref = t(**x).sample
         undo = gelu_epilogue.fuse_gelu(t)
         assert undo.fused == len(_gelu_modules(t)) > 0
         assert all("forward" in m.__dict__ for m in _gelu_modules(t))
-        assert _rel(t(**x).sample, ref) < 1e-5
+        assert sd3.rel(t(**x).sample, ref) < 1e-5
         compiled = torch.compile(t, fullgraph=True)
-        assert _rel(compiled(**x).sample, ref) < 1e-5
+        assert sd3.rel(compiled(**x).sample, ref) < 1e-5
     undo()
     assert not any("forward" in m.__dict__ for m in _gelu_modules(t))
 
@@ -41,12 +40,12 @@ def test_op_is_tanh_gelu_of_the_linear_and_has_a_fake():
     torch.library.opcheck(gelu_epilogue.linear_gelu_tanh, (x, w, b))
 
 
-def test_quantized_projections_keep_their_matmul():
+def test_quantized_projections_keep_their_matmul(sd3):
     """int8 weights (torchao tensor subclasses) cannot go through cuBLASLt's epilogue: left alone."""
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    t = _transformer("tiny")
+    t = sd3.transformer("tiny")
     gelus = _gelu_modules(t)
     quantize_(gelus[0].proj, Int8WeightOnlyConfig())
     undo = gelu_epilogue.fuse_gelu(t)
@@ -55,7 +54,7 @@ def test_quantized_projections_keep_their_matmul():
 
 
 @pytest.mark.gpu
-def test_epilogue_on_gpu_matches_matmul_then_gelu():
+def test_epilogue_on_gpu_matches_matmul_then_gelu(sd3):
     """On CUDA the op is one cuBLASLt call whose tanh-GELU equals matmul + F.gelu(approximate="tanh") within
     fp16 rounding, at SD3-medium's feed-forward shape."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -64,4 +63,4 @@ def test_epilogue_on_gpu_matches_matmul_then_gelu():
     b = torch.randn(6144, device="cuda", dtype=torch.float16, generator=g)
     ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
     out = gelu_epilogue.linear_gelu_tanh(x, w, b)
-    assert out.dtype == torch.float16 and _rel(out.float(), ref) < 2e-3
+    assert out.dtype == torch.float16 and sd3.rel(out.float(), ref) < 2e-3

@@ -7,15 +7,17 @@ import torch
 from sd3plugin.kernels import attention, joint_attention
 from sd3plugin.compat.diffusers import attention_modules
 from sd3plugin.transforms.fuse_qkv import FusedProjections
-from tests.test_attention import TOL, _inputs, _rel, _transformer
 
 
-def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
+TOL = 1e-5  # fp32 on CPU: the same math in another order
+
+
+def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch, sd3):
     """SD3 (no q/k norm): every joint attention runs as the op, the last block (no context output
     projection) included; the transformer's output equals diffusers' within fp32 reordering (1e-5), also
     under torch.compile with the op as one opaque call."""
-    t = _transformer("tiny")
-    x = _inputs(t)
+    t = sd3.transformer("tiny")
+    x = sd3.inputs(t)
     calls = []
     real = joint_attention.run
     monkeypatch.setattr(joint_attention, "run", lambda *a: calls.append(a[0]) or real(*a))
@@ -27,9 +29,9 @@ def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
         out = t(**x).sample
         assert len(calls) == len(t.transformer_blocks) == attention.joint_op_modules(t)
         assert calls[-1].context_pre_only and not calls[0].context_pre_only
-        assert _rel(out, ref) < TOL, _rel(out, ref)
+        assert sd3.rel(out, ref) < TOL, sd3.rel(out, ref)
         compiled = torch.compile(t, fullgraph=True)
-        assert _rel(compiled(**x).sample, ref) < TOL
+        assert sd3.rel(compiled(**x).sample, ref) < TOL
 
     # dynamic shapes, compiled per block as sd3plugin does: the op's fake takes symbolic token counts, so a
     # new image size compiles nothing new (without the call counter: its list would be guarded on)
@@ -46,14 +48,14 @@ def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch):
             img = torch.randn(2, n, dim, generator=g)
             ctx_out, img_out = dyn(img, c, temb)
             ref_ctx, ref_img = block(img, c, temb)
-            assert _rel(img_out, ref_img) < TOL and _rel(ctx_out, ref_ctx) < TOL
+            assert sd3.rel(img_out, ref_img) < TOL and sd3.rel(ctx_out, ref_ctx) < TOL
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_joint_op_is_not_used_where_it_does_not_apply():
+def test_joint_op_is_not_used_where_it_does_not_apply(sd3):
     """SD3.5's q/k norm, projections that are not fused: the ordinary path (same numbers as diffusers)."""
-    t = _transformer("tiny-sd3.5")
-    x = _inputs(t)
+    t = sd3.transformer("tiny-sd3.5")
+    x = sd3.inputs(t)
     with torch.no_grad():
         ref = t(**x).sample
         attn = t.transformer_blocks[0].attn
@@ -61,9 +63,9 @@ def test_joint_op_is_not_used_where_it_does_not_apply():
         FusedProjections(t).fuse()
         for _, m in attention_modules(t):
             m.set_processor(attention.SD3AttnProcessor("sdpa", joint=True))
-        assert _rel(t(**x).sample, ref) < TOL
+        assert sd3.rel(t(**x).sample, ref) < TOL
         assert attention.joint_op_modules(t) == 0
-    plain = _transformer("tiny").transformer_blocks[0].attn
+    plain = sd3.transformer("tiny").transformer_blocks[0].attn
     assert not joint_attention.applies(plain, torch.zeros(1))  # projections not fused yet
     assert attention.SD3AttnProcessor("fa4").joint and not attention.SD3AttnProcessor("sdpa").joint
 
@@ -80,7 +82,7 @@ def test_joint_op_schema_and_fake(context_out):
 
 
 @pytest.mark.gpu
-def test_joint_op_with_fa4_on_gpu():
+def test_joint_op_with_fa4_on_gpu(sd3):
     """SD3-medium's first block at 1024x1024 in fp16: the op (FA4 on strided Q/K/V views) equals the
     ordinary FA4 path within fp16 rounding."""
     if attention.fa4_unavailable("cuda", torch.float16):
@@ -96,4 +98,4 @@ def test_joint_op_with_fa4_on_gpu():
     with torch.no_grad():
         ref_img, ref_ctx = attention.SD3AttnProcessor("fa4", joint=False)(attn, x, c)
         img, ctx = attention.SD3AttnProcessor("fa4")(attn, x, c)
-    assert _rel(img.float(), ref_img.float()) < 2e-3 and _rel(ctx.float(), ref_ctx.float()) < 2e-3
+    assert sd3.rel(img.float(), ref_img.float()) < 2e-3 and sd3.rel(ctx.float(), ref_ctx.float()) < 2e-3
