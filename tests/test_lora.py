@@ -219,3 +219,57 @@ def test_hotswap_switches_loras_without_recompiling(tiny_path, loras):
     rep = sd3plugin.report(opt)
     assert rep["recompilations"] == first and rep["lora"]["hotswap_rank"] == 8
     assert rep["lora"]["adapters"] == ["x"]
+
+
+# -- on the GPU: FA4 + the joint op + the GELU epilogue, CUDA graphs, offload, fp8 ------------------------
+def _gpu_pair(tiny_path, overrides):
+    plain = _load(tiny_path, torch_dtype=torch.float16).to("cuda")
+    opt = sd3plugin.optimize(_load(tiny_path, torch_dtype=torch.float16).to("cuda"),
+                             overrides=["backend=inductor", "device=cuda", *overrides])
+    return plain, opt
+
+
+def _gpu_latents(pipe):
+    torch.manual_seed(0)
+    return pipe(**tiny_call(num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(0))).images.float()
+
+
+GPU_TOL = 2e-2  # fp16 through other kernels (FA4, fused matmuls, the GELU epilogue)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "max-speed"])
+def test_lora_on_gpu_with_fa4_joint_op_gelu_and_cuda_graphs(tiny_path, loras, mode):
+    plain, opt = _gpu_pair(tiny_path, [f"mode={mode}"])
+    rep = sd3plugin.report(opt)
+    assert rep["status"] == "compiled"
+    base = _diff(_gpu_latents(plain), _gpu_latents(opt))
+    assert base < GPU_TOL
+    for name, step in STEPS[:4] + STEPS[8:]:
+        _both(plain, opt, lambda p: step(p, loras))
+        ref, out = _gpu_latents(plain), _gpu_latents(opt)
+        assert _diff(ref, out) < GPU_TOL, (name, _diff(ref, out))
+    if mode == "max-speed":
+        assert sd3plugin.report(opt).get("cuda_graphs")
+
+
+@pytest.mark.gpu
+def test_offload_and_moves_on_gpu(tiny_path, loras):
+    plain, opt = _gpu_pair(tiny_path, ["mode=max-speed"])
+    _gpu_latents(opt)
+    _both(plain, opt, lambda p: p.enable_model_cpu_offload())
+    assert _diff(_gpu_latents(plain), _gpu_latents(opt)) < GPU_TOL
+    _both(plain, opt, lambda p: p.load_lora_weights(loras["b"]))
+    assert _diff(_gpu_latents(plain), _gpu_latents(opt)) < GPU_TOL
+
+
+@pytest.mark.gpu
+def test_fp8_refuses_a_lora_on_quantized_layers(tiny_path, loras):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    pipe = sd3plugin.optimize(_load(tiny_path, torch_dtype=torch.bfloat16).to("cuda"),
+                              overrides=["backend=inductor", "device=cuda", "quant=fp8_e4m3_e4m3_dynamic"])
+    before = _gpu_latents(pipe)
+    with pytest.raises(sd3plugin.ConfigError, match="quant=fp8_e4m3_e4m3_dynamic quantized"):
+        pipe.load_lora_weights(loras["a"])
+    assert torch.equal(before, _gpu_latents(pipe))
