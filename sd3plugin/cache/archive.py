@@ -602,6 +602,9 @@ def _scan(source: _Source, path: Path, extract_to: Path | None = None, manifest_
     """Read the archive from the start through ``source`` checking every member against the manifest
     (optionally writing the files under ``extract_to``); return (manifest, sha256 of the bytes read)."""
     source.restart()
+    if source.size == 0:
+        raise CorruptArchiveError(f"{path}: an empty file, not an sd3plugin cache archive (make one with "
+                                  "`sd3plugin-cache pack`)")
     stream = _Stream(source, path)
     tar = _TarReader(stream, path)
     first = tar.next()

@@ -52,6 +52,15 @@ def _diffusers_version() -> str | None:
 
 
 def _triton_version() -> str | None:
+    import sys
+
+    if "triton" not in sys.modules:  # the installed version, without importing it (install stays small)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("triton")
+        except PackageNotFoundError:
+            pass
     try:
         import triton
     except ImportError:

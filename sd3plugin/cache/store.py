@@ -255,6 +255,7 @@ class Transaction:
         except BaseException:
             try:
                 rollback(self.root, self.dir, journal)
+                write_json(self.dir / JOURNAL, {**journal, "state": "rolled back"})
             except Exception:  # leave the journal: the next process to take the lock finishes it
                 pass
             raise
