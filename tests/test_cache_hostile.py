@@ -18,11 +18,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tarfile
-import textwrap
 import threading
 from pathlib import Path
 
@@ -35,7 +32,7 @@ from sd3plugin.cache.archive import FORMAT, MANIFEST
 from sd3plugin.cache.manifest import environment
 from sd3plugin.cli.exit_codes import EXIT
 
-from .test_cache_archive import FP, cli, make_cache, snapshot
+from .test_cache_archive import FP, cli, make_cache
 
 RSS_LIMIT_MB = 400
 GiB = 2**30
@@ -515,6 +512,22 @@ def test_a_failure_at_any_rename_leaves_the_cache_exactly_as_it_was(tmp_path, tw
         assert code == EXIT["cannot_write"], (k, text)
         assert "No space left on device" in data["error"] and "the cache is as it was" in data["error"]
         assert tree(old) == want, k
+
+
+def test_a_failed_install_into_a_new_dir_leaves_no_dir(tmp_path, two_archives, capsys, monkeypatch):
+    _, pb, _ = two_archives
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if "/.install-" in str(src) and "/new/" in str(src):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(store.os, "rename", failing)
+    target = tmp_path / "fresh" / "cache"
+    code, data, _ = cli("install", str(pb), "--cache-dir", str(target), "--json", capsys=capsys)
+    assert code == EXIT["cannot_write"] and "Input/output error" in data["error"]
+    assert not target.exists()
 
 
 KILLER = r"""

@@ -782,36 +782,59 @@ def install(archive: str | Path, root: str | Path, force: bool = False, expect_s
         if root.exists() and not root.is_dir():
             raise CacheWriteError(f"--cache-dir {str(root)!r} exists and is not a folder")
         _check_free_space(root, manifest)
-        with cache_lock(root, lock_timeout, "install into") as held:
+        created = not root.exists()
+        try:
+            result = _install_locked(src, archive, root, manifest, digest, force, warnings, key_id, lock_timeout)
+        except BaseException:
+            if created:  # a failed install into a new cache dir leaves no cache dir behind
+                _remove_if_only_lock(root)
+            raise
+    return result
+
+
+def _remove_if_only_lock(root: Path) -> None:
+    from .lock import LOCK_NAME
+
+    try:
+        if {p.name for p in root.iterdir()} <= {LOCK_NAME}:
+            (root / LOCK_NAME).unlink(missing_ok=True)
+            root.rmdir()
+    except OSError:
+        pass
+
+
+def _install_locked(src, archive, root, manifest, digest, force, warnings, key_id, lock_timeout) -> dict:
+    """Pass 2 and the commit, under the cache dir's lock."""
+    with cache_lock(root, lock_timeout, "install into") as held:
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=store.INSTALL_PREFIX, dir=root))
+        except OSError as exc:
+            raise _write_error(root, exc) from None
+        try:
             try:
-                staging = Path(tempfile.mkdtemp(prefix=store.INSTALL_PREFIX, dir=root))
+                _, digest2 = _scan(src, archive, extract_to=staging / "new")  # pass 2: every byte again
             except OSError as exc:
                 raise _write_error(root, exc) from None
+            if digest2 != digest:
+                raise CorruptArchiveError(f"{archive}: the archive changed while it was being installed; "
+                                          "refusing it (the cache is as it was)")
+            record = {"archive": str(archive), "archive_sha256": digest, "installed": store._now(),
+                      "forced": bool(force and warnings), "signed_by": key_id,
+                      "manifest": {k: v for k, v in manifest.items() if k != "files"},
+                      "files": len(manifest["files"])}
             try:
-                try:
-                    _, digest2 = _scan(src, archive, extract_to=staging / "new")  # pass 2: every byte again
-                except OSError as exc:
-                    raise _write_error(root, exc) from None
-                if digest2 != digest:
-                    raise CorruptArchiveError(f"{archive}: the archive changed while it was being installed; "
-                                              "refusing it (the cache is as it was)")
-                record = {"archive": str(archive), "archive_sha256": digest, "installed": store._now(),
-                          "forced": bool(force and warnings), "signed_by": key_id,
-                          "manifest": {k: v for k, v in manifest.items() if k != "files"},
-                          "files": len(manifest["files"])}
-                try:
-                    replaced, kept = _commit(staging, root, manifest, record)
-                except OSError as exc:
-                    raise _write_error(root, exc) from None
-            finally:
-                journal = store.read_json(staging / store.JOURNAL)
-                if not journal or journal.get("state") != "moving":  # else: left for recovery
-                    shutil.rmtree(staging, ignore_errors=True)
+                replaced, kept = _commit(staging, root, manifest, record)
+            except OSError as exc:
+                raise _write_error(root, exc) from None
+        finally:
+            journal = store.read_json(staging / store.JOURNAL)
+            if not journal or journal.get("state") != "moving":  # else: left for recovery
+                shutil.rmtree(staging, ignore_errors=True)
     return {"archive": str(archive), "archive_sha256": digest, "cache_dir": str(root), "warnings": warnings,
-            "replaced_entries": replaced, "kept_blobs": kept, "files": len(manifest["files"]),
-            "entries": [e.get("fingerprint") for e in manifest.get("entries", [])],
-            "total_bytes": manifest.get("total_bytes"), "signed_by": key_id,
-            "recovered": held.maintenance["recovered"], "repaired": held.maintenance["repaired"]}
+        "replaced_entries": replaced, "kept_blobs": kept, "files": len(manifest["files"]),
+        "entries": [e.get("fingerprint") for e in manifest.get("entries", [])],
+        "total_bytes": manifest.get("total_bytes"), "signed_by": key_id,
+        "recovered": held.maintenance["recovered"], "repaired": held.maintenance["repaired"]}
 
 
 def _write_error(root: Path, exc: OSError) -> CacheWriteError:
