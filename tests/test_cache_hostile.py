@@ -1047,3 +1047,30 @@ def test_models_saved_by_another_environment_are_not_reused(tmp_path, monkeypatc
     other = Path(pipeline.model_path(cfg))  # what the other environment saved: not loaded here
     assert other != first and other.name.startswith("tiny-float32-transformers-") and len(built) == 2
     assert pipeline.model_path(cfg) == str(other) and len(built) == 2
+
+
+# -- end to end: a damaged generated file is rebuilt, not a fallback to eager forever (compiles: slow) -------------
+@pytest.mark.slow
+def test_a_cut_generated_file_is_rebuilt_end_to_end(tmp_path):
+    root = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+
+    def run(*argv):
+        proc = subprocess.run([sys.executable, "-m", "sd3plugin.cli.cache", *argv, "--cache-dir", str(root),
+                               "--json", "steps=2"], capture_output=True, text=True, env=env, timeout=900)
+        return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None, proc.stderr
+
+    code, data, err = run("warm", "--resolutions", "64x64")
+    assert code == 0, err[-3000:]
+    recorded = store.read_checksums(root)
+    generated = sorted((r for r in recorded if r.startswith("inductor/") and r.endswith(".py")),
+                       key=lambda r: recorded[r]["size"])
+    assert generated, sorted(recorded)[:20]
+    victim = root / generated[-1]  # the largest generated module: the compiled graph's code
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    code, data, err = run("verify")
+    assert code in (0, EXIT["compiled"]), err[-3000:]  # compiled again, never the eager fallback (exit 1)
+    assert data["status"] == "compiled" and [r["file"] for r in data["repaired"]] == [generated[-1]]
+    code, data, err = run("verify")
+    assert code in (0, EXIT["compiled"]) and data["repaired"] == [] and data["status"] == "compiled", err[-3000:]
