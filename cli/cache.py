@@ -7,17 +7,20 @@ arguments are Hydra overrides of the same config as ``sd3plugin-run``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
+import os
 import sys
+import traceback
 
 from sd3plugin.cache.errors import CacheError
 from sd3plugin.errors import ConfigError
 
 from .exit_codes import EXIT
 
-COMMANDS = ["doctor", "warm", "pack", "install", "ls", "info", "prune", "clear", "verify"]
+COMMANDS = ["doctor", "warm", "pack", "install", "ls", "info", "prune", "clear", "verify", "keygen"]
 
 
 def _load(name: str):
@@ -64,6 +67,31 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT.get(exc.exit_name, EXIT["error"])
         _fail(args, f"sd3plugin-cache {args.command}: {exc}", code)
         return code
+    except KeyboardInterrupt:
+        _fail(args, f"sd3plugin-cache {args.command}: interrupted (the cache is as it was, or is recovered by "
+                    "the next command)", 130)
+        return 130
+    except OSError as exc:  # e.g. the disk filled up or a folder is read-only outside the checked steps
+        code = EXIT["cannot_write"] if exc.errno in _WRITE_ERRNOS else EXIT["error"]
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(args, f"sd3plugin-cache {args.command}: {exc.strerror or exc}{where}"
+                    + ("; free some space or choose another --cache-dir" if code == EXIT["cannot_write"] else ""), code)
+        _debug()
+        return code
+    except Exception as exc:  # never a traceback: one line, exit 1 (SD3PLUGIN_DEBUG=1 shows the traceback)
+        _fail(args, f"sd3plugin-cache {args.command}: unexpected error: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (SD3PLUGIN_DEBUG=1 shows the traceback)",
+              EXIT["error"])
+        _debug()
+        return EXIT["error"]
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _debug() -> None:
+    if os.environ.get("SD3PLUGIN_DEBUG"):
+        traceback.print_exc()
 
 
 def _fail(args, message: str, code: int) -> None:

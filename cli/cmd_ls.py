@@ -23,9 +23,11 @@ def summary(root) -> dict:
                         "environment": e.get("environment"), "compatible": not errors,
                         "incompatible_because": errors, "warnings": warnings})
     inductor = root / store.INDUCTOR
+    leftovers = store.leftovers(root) if root.is_dir() else []
     return {"cache_dir": str(root), "exists": root.is_dir(), "entries": entries,
             "inductor_bytes": store.dir_size(inductor) if inductor.is_dir() else 0,
-            "installed": store.read_json(root / store.INSTALLED)}
+            "installed": store.read_json(root / store.INSTALLED), "leftovers": leftovers,
+            "leftover_bytes": sum(x["bytes"] for x in leftovers)}
 
 
 def describe(entry: dict) -> str:
@@ -46,6 +48,11 @@ def run(args) -> int:
     lines = [f"{info['cache_dir']}: {len(info['entries'])} entr{'y' if len(info['entries']) == 1 else 'ies'}, "
              f"inductor/Triton files {store.human_size(info['inductor_bytes'])}"]
     lines += ["  " + describe(e) for e in info["entries"]]
+    if info["leftovers"]:
+        lines.append(f"  leftovers of interrupted commands: {len(info['leftovers'])} "
+                     f"({store.human_size(info['leftover_bytes'])}), removed by the next install, warm, prune or "
+                     "clear:")
+        lines += [f"    {x['path']}  {store.human_size(x['bytes'])}  {x['kind']}" for x in info["leftovers"]]
     if info["installed"]:
         lines.append(f"  installed from {info['installed'].get('archive')} (sha256 "
                      f"{str(info['installed'].get('archive_sha256'))[:16]}...) at {info['installed'].get('installed')}")

@@ -38,16 +38,23 @@ def run(args) -> int:
                 (args.incompatible and not e["compatible"]) or
                 (args.older_than is not None and age_days > args.older_than)):
             chosen.append(e)
-    removed = []
-    if chosen and confirm(args, f"remove {len(chosen)} cache entr{'y' if len(chosen) == 1 else 'ies'} from {root}?"):
-        with cache_lock(root, args.lock_timeout, "prune"):
+    removed, cleaned = [], []
+    leftovers = store.leftovers(root) if root.is_dir() else []
+    what = ([f"{len(chosen)} cache entr{'y' if len(chosen) == 1 else 'ies'}"] if chosen else []) + (
+        [f"{len(leftovers)} leftover(s) of interrupted commands"] if leftovers else [])
+    if what and confirm(args, f"remove {' and '.join(what)} from {root}?"):
+        with cache_lock(root, args.lock_timeout, "prune") as held:  # taking the lock cleans up leftovers
+            cleaned = held.maintenance["recovered"]
             for e in chosen:
                 store.remove_tree(store.entry_dir(root, e["fingerprint"]))
                 removed.append(e["fingerprint"])
+            store.forget_checksums(root, [f"{store.ENTRIES}/{fp}" for fp in removed])
     freed = sum(e["size_bytes"] for e in chosen if e["fingerprint"] in removed)
+    freed += sum(x["bytes"] for x in leftovers) if cleaned else 0
     text = (f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({store.human_size(freed)}): "
-            + (", ".join(removed) or "none"))
-    emit(args, {"ok": True, "cache_dir": str(root), "removed": removed, "freed_bytes": freed}, text)
+            + (", ".join(removed) or "none") + "".join(f"\n  {x}" for x in cleaned))
+    emit(args, {"ok": True, "cache_dir": str(root), "removed": removed, "leftovers_removed": cleaned,
+                "freed_bytes": freed}, text)
     return 0
 
 

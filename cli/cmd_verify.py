@@ -25,6 +25,10 @@ def run(args) -> int:
     from sd3plugin.cli.exit_codes import EXIT
 
     cfg = compose_args(args)
+    # Every recorded cache file is hashed; damaged ones are removed first (the run compiles them again).
+    from sd3plugin.cache.lock import maintain
+
+    upkeep = maintain(cfg.cache_dir, full=True) if not args.cold else {"repaired": [], "recovered": []}
     shape = None
     if args.resolution or args.batch_size:
         first = default_shape(cfg) if args.cold else dict(select_entry(cfg)["shapes"][0])
@@ -41,6 +45,8 @@ def run(args) -> int:
         if not hasattr(exc, "result"):
             raise
         result, code = {**exc.result, "error": str(exc)}, EXIT["compiled"]
+    result["repaired"] = upkeep["repaired"] + list((result.get("cache") or {}).get("repaired") or [])
+    result["recovered"] = upkeep["recovered"]
     text = summary(result, args.cold, code)
     if code:
         text += "\n" + result["error"]
@@ -61,6 +67,9 @@ def summary(result: dict, cold: bool, code: int) -> str:
         text += f"; attention {att['kernel']}"
         if isinstance(att.get("prewarm"), dict) and att["prewarm"].get("state"):
             text += f" (FA4 prewarm: {att['prewarm']['state']})"
+    if result.get("repaired"):
+        text += (f"; {len(result['repaired'])} damaged cache file(s) removed and rebuilt: "
+                 + ", ".join(f"{r['file']} ({r['problem']})" for r in result["repaired"][:5]))
     if result.get("coordesc_tuning_benchmarks"):
         why = ("the cached configs are not reused: SD3PLUGIN_KEEP_COORDESC=0" if not result.get("keep_coordesc")
                else "kernels whose tuned config the cache did not hold")

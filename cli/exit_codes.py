@@ -8,5 +8,6 @@ EXIT = {
     "compiled": 5,         # verify: the warm start had to compile
     "not_found": 6,        # cache or archive not found
     "locked": 7,           # cache dir locked by another process (timeout)
-    "cannot_write": 8,     # no permission / read-only target
+    "cannot_write": 8,     # no permission, read-only target, disk full
+    "untrusted": 9,        # a trusted key is set and the archive is unsigned or wrongly signed
 }

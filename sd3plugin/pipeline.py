@@ -5,6 +5,7 @@ local diffusers folder, or a Hub id (diffusers downloads it; needs network acces
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,14 +25,34 @@ def model_path(cfg) -> str:
         return cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
-    folder = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    base = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base) + ".lock"):
+        # A folder saved by another environment's transformers may not load here (the nexfort stack's
+        # transformers 4.57 cannot read tokenizers of newer ones): each environment keeps its own.
+        key = _saved_by()
+        folder = base if not (base / "model_index.json").is_file() or _saved_by(base) == key else \
+            base.with_name(f"{base.name}-{key}")
         if not (folder / "model_index.json").is_file():
             log.info("sd3plugin: building random-weight %s pipeline in %s", cfg.model, folder)
             # Built on the GPU when there is one: random init of the T5-XXL encoder on CPU takes minutes.
             save_random_pipeline(cfg.model, folder, dtype=dtype, device=device)
+            record = folder / "sd3plugin_arch.json"
+            meta = json.loads(record.read_text()) if record.is_file() else {}
+            record.write_text(json.dumps({**meta, "saved_by": key}, indent=2))
     return str(folder)
+
+
+def _saved_by(folder: Path | None = None) -> str | None:
+    """The environment that saved a random-weight folder (``folder``), or this one's: transformers major.minor."""
+    if folder is not None:
+        try:
+            return json.loads((folder / "sd3plugin_arch.json").read_text()).get("saved_by")
+        except (OSError, ValueError, AttributeError):
+            return None
+    import transformers
+
+    return "transformers-" + ".".join(transformers.__version__.split(".")[:2])
 
 
 def load_pipeline(cfg, pipeline_class=None):

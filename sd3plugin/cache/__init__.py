@@ -52,14 +52,18 @@ def activate(cache_dir: str | Path, keep_coordesc: bool | None = None) -> dict:
 
     kept = False if keep_coordesc is False else install_coordesc(force=bool(keep_coordesc))
     info = {"cache_dir": str(paths["root"]), "inductor_cache_dir": str(paths["inductor"]),
-            "keep_coordesc": kept}  # cached coordinate-descent configs kept (coordesc.py)
+            "keep_coordesc": kept}  # cached coordinate-descent configs kept (compat/inductor.py)
+    from .lock import maintain
     from .megacache import load_entries
 
+    # An install killed mid-way is rolled back; files damaged in place are removed (compiled again).
+    upkeep = maintain(paths["root"])
     loaded = load_entries(paths["root"])
     installed = store.read_json(paths["installed"])
     info["cache"] = {"megacache_loaded": loaded["loaded"], "megacache_skipped": loaded["skipped"],
                      "artifacts": loaded["artifacts"], "load_seconds": loaded["seconds"],
-                     "installed_archive": (installed or {}).get("archive_sha256")}
+                     "installed_archive": (installed or {}).get("archive_sha256"),
+                     "repaired": upkeep["repaired"], "recovered": upkeep["recovered"]}
     return info
 
 

@@ -1,20 +1,33 @@
 """Cache archives: a zstandard-compressed tar stream whose first member is ``manifest.json``.
 
 The manifest lists every file with its size and sha256, the environment it was built on and the
-entries (config, fingerprint, shapes). ``install`` checks the archive's own sha256 (optional), reads
-the whole stream once without writing anything (checksums, member safety, completeness), checks
-compatibility, then extracts again into a temporary folder inside the target and moves the content
-into place: each entry by one rename, inductor files one by one (they are content-addressed).
+entries (config, fingerprint, shapes). ``install`` opens the archive once and reads every byte through
+that one file descriptor, hashing it (what is hashed is what is unpacked): with a trusted key or
+``--expect-sha256`` it first hashes the file and checks the signature / pin, then reads the stream once
+without writing anything (checksums, member safety, completeness), checks compatibility, then, under
+the cache dir's lock, reads it again into a staging folder inside the cache dir and moves the content
+into place under a journal (``store.Transaction``): all or nothing, even against SIGKILL.
+
+The tar stream is parsed here, not by ``tarfile``: every header is checked before its data is read
+(size caps on PAX and GNU long-name headers, no sparse files, only regular files and folders, each
+member's declared size equal to the manifest's), and the decompressed stream is capped, so memory and
+time are bounded whatever the archive (limits below and in docs/cache.md, "Guarantees").
 
 An archive is code: its Mega-Cache blobs and inductor entries are pickles and compiled libraries that
-torch loads and runs. Install archives only from sources you trust; pin them with ``--expect-sha256``.
+torch loads and runs. Install archives only from sources you trust: sign them (``pack --sign``) and
+install with ``--trust`` (or ``SD3PLUGIN_TRUSTED_KEY``), or pin them with ``--expect-sha256``.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -22,56 +35,136 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
-from . import store
-from .errors import CacheNotFoundError, CacheWriteError, CorruptArchiveError, IncompatibleCacheError
+from . import signing, store
+from .errors import (CacheError, CacheNotFoundError, CacheWriteError, CorruptArchiveError,
+                     IncompatibleCacheError)
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compatibility, environment
 
 FORMAT = "sd3plugin-cache/1"
 MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 64 * 2**20
 CHUNK = 1 << 20
+BLOCK = 512
+
+# Limits of what install and info read (docs/cache.md, "Guarantees").
+MAX_MANIFEST_BYTES = 4 * 2**20      # about 20,000 files; pack refuses to write a larger one
+MAX_JSON_CONTAINERS = 200_000       # JSON objects + arrays in the manifest (bounds its memory)
+MAX_JSON_DEPTH = 32
+MAX_HEADER_BYTES = 64 * 2**10       # one PAX or GNU long-name header
+MAX_EXTENDED_HEADERS = 4            # PAX / long-name headers before one member
+MAX_WINDOW_LOG = 25                 # zstd window: 32 MiB (pack uses at most this)
+MAX_RATIO = 1000                    # unpacked bytes per archive byte, beyond RATIO_SLACK
+RATIO_SLACK = 64 * 2**20
+MAX_TRAILING = 2**20                # zero padding accepted after the end-of-archive blocks
+MAX_NAME = 4096
+
+_FP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # -- pack -------------------------------------------------------------------------------------------
-def pack(root: str | Path, output: str | Path, level: int = 10, lock_timeout: float = DEFAULT_TIMEOUT_S
-         ) -> dict:
-    """Write the cache in ``root`` to ``output`` (tar.zst); return the manifest plus the archive's sha256."""
+def pack(root: str | Path, output: str | Path, level: int = 10, lock_timeout: float = DEFAULT_TIMEOUT_S,
+         sign_key: str | Path | None = None) -> dict:
+    """Write the cache in ``root`` to ``output`` (tar.zst); return the manifest plus the archive's sha256.
+
+    With ``sign_key`` (an Ed25519 private key, PEM) also write the detached signature ``output.sig``.
+    """
+    from ..errors import ConfigError
+
     root, output = Path(root).expanduser(), Path(output).expanduser()
+    if not 1 <= int(level) <= 22:
+        raise ConfigError(f"--level {level} must be between 1 and 22")
+    key = signing.load_private_key(sign_key) if sign_key else None
     if not store.has_cache(root):
         raise CacheNotFoundError(f"no compile cache in {str(root)!r}; run `sd3plugin-cache warm` first "
                                  "(or give --cache-dir)")
     with cache_lock(root, lock_timeout, "pack"):
-        files = {rel: _file_digest(path) for rel, path in store.iter_files(root)}
+        listed = {e.get("fingerprint") for e in store.list_entries(root)}
+        try:
+            files = {rel: _file_digest(path) for rel, path in _packable(root, listed)}
+        except OSError as exc:
+            raise CacheError(f"cannot read the cache dir {str(root)!r}: {exc.strerror} ({exc.filename})") from None
         if not files:
             raise CacheNotFoundError(f"the compile cache in {str(root)!r} is empty; run `sd3plugin-cache "
                                      "warm` first")
         manifest = build_manifest(root, files)
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        if len(manifest_bytes) > MAX_MANIFEST_BYTES or _containers(manifest_bytes) > MAX_JSON_CONTAINERS:
+            raise CacheError(f"the manifest of {len(files)} files would be {len(manifest_bytes)} bytes, over "
+                             f"the {MAX_MANIFEST_BYTES} bytes that install accepts; prune entries (or clear "
+                             "and warm only what you serve) and pack again")
+        size, digest = _write_archive(root, output, files, manifest_bytes, level, listed)
+    try:
+        store.atomic_write(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n".encode())
+    except OSError as exc:
+        raise CacheWriteError(f"cannot write {str(output)}.sha256: {exc.strerror}") from None
+    result = {"archive": str(output), "archive_sha256": digest, "archive_bytes": size, "manifest": manifest}
+    if key is not None:
+        result["signature"] = str(signing.write_signature(output, key, digest))
+        result["key_id"] = signing.key_id(key.public_key())
+    return result
+
+
+def _packable(root: Path, listed: set):
+    """Every packable file; files of an entry folder without a readable entry.json are left out."""
+    for rel, path in store.iter_files(root):
+        parts = rel.split("/")
+        if parts[0] == store.ENTRIES and (len(parts) != 3 or parts[1] not in listed):
+            continue
+        yield rel, path
+
+
+def _write_archive(root: Path, output: Path, files: dict, manifest_bytes: bytes, level: int, listed: set
+                   ) -> tuple[int, str]:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CacheWriteError(f"cannot write {str(output)!r}: {exc.strerror}") from None
+    raw = None
+    try:
+        store.default_mode(tmp)
+        raw = os.fdopen(fd, "wb")
+        hashing = _HashingWriter(raw)
+        window = min(zstandard.ZstdCompressionParameters.from_level(level).window_log, MAX_WINDOW_LOG)
+        params = zstandard.ZstdCompressionParameters.from_level(level, window_log=window, threads=-1)
+        zw = zstandard.ZstdCompressor(compression_params=params).stream_writer(hashing, closefd=False)
+        tar = tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT)
+        _add_bytes(tar, MANIFEST, manifest_bytes)
+        for rel, path in _packable(root, listed):
+            if rel in files:
+                _add_file(tar, rel, path, files[rel])
+        tar.close()
+        zw.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+        raw.close()
+        raw = None
+        os.replace(tmp, output)
+    except (OSError, zstandard.ZstdError) as exc:
+        _discard(raw, tmp)
+        raise CacheWriteError(f"cannot write {str(output)!r}: {_why(exc)}; free some space or choose another "
+                              "-o (nothing was written)") from None
+    except BaseException:
+        _discard(raw, tmp)
+        raise
+    return hashing.size, hashing.sha256.hexdigest()
+
+
+def _discard(raw, tmp) -> None:
+    if raw is not None:
         try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-            store.default_mode(tmp)
-        except OSError as exc:
-            raise CacheWriteError(f"cannot write {str(output)!r}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                hashing = _HashingWriter(raw)
-                cctx = zstandard.ZstdCompressor(level=level, threads=-1)
-                with cctx.stream_writer(hashing, closefd=False) as zw:
-                    with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                        _add_bytes(tar, MANIFEST, manifest_bytes)
-                        for rel, path in store.iter_files(root):
-                            if rel in files:
-                                _add_file(tar, rel, path, files[rel])
-            os.replace(tmp, output)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    digest = hashing.sha256.hexdigest()
-    store.atomic_write(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n".encode())
-    return {"archive": str(output), "archive_sha256": digest, "archive_bytes": hashing.size,
-            "manifest": manifest}
+            raw.close()
+        except OSError:
+            pass
+    try:
+        Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _why(exc) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
 
 
 def build_manifest(root: Path, files: dict) -> dict:
@@ -99,22 +192,22 @@ def _file_digest(path: Path) -> dict:
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
     tar.addfile(info, io.BytesIO(data))
 
 
 def _add_file(tar: tarfile.TarFile, rel: str, path: Path, expected: dict) -> None:
-    data = path.read_bytes()
+    changed = CacheWriteError(f"{rel} changed while packing (is a process writing to the cache?); run pack again")
+    try:
+        data = path.read_bytes()
+        executable = os.access(path, os.X_OK)
+    except OSError:
+        raise changed from None
     if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise CacheWriteError(f"{rel} changed while packing (is a process writing to the cache?); run "
-                              "pack again")
-    import io
-
+        raise changed
     info = tarfile.TarInfo(rel)
-    info.size, info.mode, info.mtime = len(data), 0o755 if os.access(path, os.X_OK) else 0o644, 0
+    info.size, info.mode, info.mtime = len(data), 0o755 if executable else 0o644, 0
     tar.addfile(info, io.BytesIO(data))
 
 
@@ -123,23 +216,277 @@ class _HashingWriter:
         self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
 
     def write(self, data) -> int:
+        n = self.raw.write(data)
         self.sha256.update(data)
         self.size += len(data)
-        return self.raw.write(data)
+        return n
 
     def flush(self):
         self.raw.flush()
 
 
-# -- read / verify ----------------------------------------------------------------------------------
+# -- reading: one file descriptor, hashed; a bounded zstd stream; a bounded tar parser ----------------
 def file_sha256(path: str | Path) -> str:
-    return _file_digest(Path(path))["sha256"]
+    with _Source(Path(path)) as src:
+        return src.hash_all()
 
 
+class _Source:
+    """The archive, opened once. Every byte read through it is hashed; ``restart`` reads it again from
+    the same descriptor (a file swapped at the path meanwhile is never seen)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CacheNotFoundError(f"archive {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise CacheNotFoundError(f"archive {str(path)!r} is a folder, not an archive") from None
+        except OSError as exc:
+            raise CacheNotFoundError(f"cannot open archive {str(path)!r}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+            raise CacheNotFoundError(f"archive {str(path)!r} is {kind}; give the path of a .tar.zst file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        self.f = os.fdopen(fd, "rb", buffering=0)
+        self.size = st.st_size
+        self.restart()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        return False
+
+    def restart(self) -> None:
+        self.f.seek(0)
+        self.sha256, self.count = hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = CHUNK
+        try:
+            data = self.f.read(n)
+        except OSError as exc:
+            raise CorruptArchiveError(f"{self.path}: cannot read the archive: {exc.strerror}") from None
+        self.sha256.update(data)
+        self.count += len(data)
+        return data
+
+    def hash_all(self) -> str:
+        self.restart()
+        while self.read(CHUNK):
+            pass
+        return self.sha256.hexdigest()
+
+
+class _Stream:
+    """The decompressed tar stream, read in exact amounts, capped at ``limit`` bytes."""
+
+    def __init__(self, source: _Source, path: Path):
+        self.path = path
+        dctx = zstandard.ZstdDecompressor(max_window_size=2**MAX_WINDOW_LOG)
+        self.reader = dctx.stream_reader(source, read_size=CHUNK, read_across_frames=True, closefd=False)
+        self.pos = 0
+        self.limit = MAX_MANIFEST_BYTES + (MAX_EXTENDED_HEADERS + 4) * (MAX_HEADER_BYTES + BLOCK)
+
+    def _read_some(self, n: int) -> bytes:
+        try:
+            return self.reader.read(n)
+        except zstandard.ZstdError as exc:
+            raise _unreadable(self.path, exc) from None
+
+    def read(self, n: int) -> bytes:
+        return b"".join(self.chunks(n))
+
+    def chunks(self, n: int):
+        """``n`` bytes in pieces of at most CHUNK; CorruptArchiveError if the stream ends first or the
+        cap would be passed."""
+        if self.pos + n > self.limit:
+            raise CorruptArchiveError(
+                f"{self.path}: the archive unpacks to more than its manifest declares (over {self.limit} "
+                "bytes); a decompression bomb or an altered archive; refusing it")
+        while n:
+            chunk = self._read_some(min(n, CHUNK))
+            if not chunk:
+                raise CorruptArchiveError(f"{self.path}: the archive ends in the middle of a member; it is "
+                                          "truncated; get a fresh copy")
+            n -= len(chunk)
+            self.pos += len(chunk)
+            yield chunk
+
+    def finish(self) -> None:
+        """After the end-of-archive block: only zero padding (at most MAX_TRAILING bytes) may follow."""
+        left = MAX_TRAILING
+        while True:
+            chunk = self._read_some(min(CHUNK, left + 1))
+            if not chunk:
+                return
+            left -= len(chunk)
+            if left < 0 or chunk.count(0) != len(chunk):
+                raise CorruptArchiveError(f"{self.path}: data after the end of the archive; it was altered; "
+                                          "refusing it")
+
+
+def _unreadable(path, exc) -> CorruptArchiveError:
+    msg = str(exc)
+    if "memory" in msg.lower() or "window" in msg.lower():
+        return CorruptArchiveError(f"{path}: the zstd stream needs a window over {2**MAX_WINDOW_LOG >> 20} MiB "
+                                   f"({msg}); pack it again with this sd3plugin")
+    return CorruptArchiveError(f"{path}: cannot read the archive ({type(exc).__name__}: {msg}); it is truncated "
+                               "or not a zstd-compressed sd3plugin cache archive; get a fresh copy")
+
+
+_REGULAR = (b"0", b"\0", b"7")
+_EXTENDED = {b"x": "PAX header", b"g": "global PAX header", b"L": "GNU long-name header",
+             b"K": "GNU long-link header"}
+_OTHER = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
+          b"6": "FIFO", b"S": "GNU sparse file", b"V": "volume label", b"M": "multi-volume continuation",
+          b"N": "GNU old long name"}
+_GLOBAL_OK = {"comment", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "charset", "hdrcharset"}
+
+
+class _Member:
+    __slots__ = ("name", "type", "size", "mode", "linkname")
+
+    def __init__(self, name, type_, size, mode, linkname):
+        self.name, self.type, self.size, self.mode, self.linkname = name, type_, size, mode, linkname
+
+    @property
+    def isreg(self) -> bool:
+        return self.type in _REGULAR
+
+    @property
+    def isdir(self) -> bool:
+        return self.type == b"5"
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.isreg else "folder" if self.isdir else _OTHER.get(self.type, f"type {self.type!r}")
+
+
+class _TarReader:
+    """ustar / GNU / PAX headers, each checked before anything it announces is read."""
+
+    def __init__(self, stream: _Stream, path: Path):
+        self.stream, self.path = stream, path
+
+    def _refuse(self, what: str) -> CorruptArchiveError:
+        return CorruptArchiveError(f"{self.path}: {what}; refusing the archive before reading it further")
+
+    def skip_padding(self, size: int) -> None:
+        pad = -size % BLOCK
+        if pad:
+            self.stream.read(pad)
+
+    def next(self) -> _Member | None:
+        pending: dict = {}
+        extended = 0
+        while True:
+            block = self.stream.read(BLOCK)
+            if block.count(0) == BLOCK:
+                return None
+            name, type_, size, mode, linkname = self._header(block)
+            if type_ in _EXTENDED:
+                extended += 1
+                if extended > MAX_EXTENDED_HEADERS:
+                    raise self._refuse(f"more than {MAX_EXTENDED_HEADERS} extended headers before one member")
+                if size > MAX_HEADER_BYTES:
+                    raise self._refuse(f"a {_EXTENDED[type_]} of {size} bytes (the limit is {MAX_HEADER_BYTES})")
+                data = self.stream.read(size)
+                self.skip_padding(size)
+                if type_ == b"L":
+                    pending["path"] = self._name(data.split(b"\0", 1)[0])
+                elif type_ == b"K":
+                    pending["linkpath"] = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                else:
+                    self._pax(data, pending, type_ == b"x")
+                continue
+            name = pending.get("path", name)
+            size = pending.get("size", size)
+            if type_ == b"S" or pending.get("sparse"):
+                raise self._refuse(f"member {name!r} is a GNU sparse file ({size} bytes declared); cache "
+                                   "archives hold only regular files and folders")
+            return _Member(name, type_, size, mode, pending.get("linkpath", linkname))
+
+    def _header(self, block: bytes):
+        stored = self._number(block[148:156], "checksum")
+        unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+        signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b >= 128)
+        if stored not in (unsigned, signed):
+            raise self._refuse("a tar header with a wrong checksum (damaged or not a tar stream)")
+        name = self._name(block[:100].split(b"\0", 1)[0])
+        type_ = block[156:157]
+        size = self._number(block[124:136], "size")
+        mode = self._number(block[100:108], "mode") if block[100:108].strip(b"\0 ") else 0
+        if block[257:265] == b"ustar\x0000":
+            prefix = self._name(block[345:500].split(b"\0", 1)[0])
+            if prefix:
+                name = f"{prefix}/{name}"
+        linkname = block[157:257].split(b"\0", 1)[0].decode("utf-8", "replace")
+        return name, type_, size, mode, linkname
+
+    def _number(self, field: bytes, what: str) -> int:
+        if field[:1] and field[0] & 0x80:  # GNU base-256
+            if field[0] == 0xFF:
+                raise self._refuse(f"a tar header with a negative {what}")
+            return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+        text = field.split(b"\0", 1)[0].strip(b" ")
+        try:
+            return int(text, 8) if text else 0
+        except ValueError:
+            raise self._refuse(f"a tar header whose {what} field is not a number") from None
+
+    def _name(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._refuse(f"a member name that is not UTF-8 ({raw[:60]!r})") from None
+
+    def _pax(self, data: bytes, pending: dict, local: bool) -> None:
+        pos = 0
+        while pos < len(data):
+            if data[pos:].count(0) == len(data) - pos:
+                break
+            m = re.match(rb"(\d{1,6}) ", data[pos:pos + 8])
+            length = int(m.group(1)) if m else 0
+            end = pos + length
+            if not m or length <= len(m.group(0)) or end > len(data) or data[end - 1:end] != b"\n":
+                raise self._refuse("a malformed PAX header")
+            key, sep, value = data[pos + len(m.group(0)):end - 1].partition(b"=")
+            if not sep:
+                raise self._refuse("a malformed PAX header")
+            key = key.decode("utf-8", "replace")
+            pos = end
+            if key.startswith("GNU.sparse."):
+                pending["sparse"] = True
+            elif not local:
+                if key not in _GLOBAL_OK:
+                    raise self._refuse(f"a global PAX header that sets {key!r}")
+            elif key == "path":
+                pending["path"] = self._name(value)
+            elif key == "linkpath":
+                pending["linkpath"] = value.decode("utf-8", "replace")
+            elif key == "size":
+                if not value.isdigit() or len(value) > 20:
+                    raise self._refuse("a PAX header with a malformed size")
+                pending["size"] = int(value)
+
+
+# -- member names and the manifest --------------------------------------------------------------------
 def check_member_name(name: str) -> str:
     """The member's safe relative path, or CorruptArchiveError for absolute paths, ``..`` and strays."""
+    if not isinstance(name, str):
+        raise CorruptArchiveError(f"unsafe archive member {name!r}: not a name; refusing to install")
     if not name or name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
         raise CorruptArchiveError(f"unsafe archive member {name!r}: absolute path; refusing to install")
+    if len(name) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise CorruptArchiveError(f"unsafe archive member {name[:80]!r}: control characters or over {MAX_NAME} "
+                                  "characters; refusing to install")
     parts = PurePosixPath(name).parts
     if any(p in ("..", ".", "") for p in parts) or ".." in name.split("/"):
         raise CorruptArchiveError(f"unsafe archive member {name!r}: '..' or '.' in the path; refusing to "
@@ -147,70 +494,187 @@ def check_member_name(name: str) -> str:
     if parts[0] not in store.PACKED_DIRS:
         raise CorruptArchiveError(f"unsafe archive member {name!r}: outside {'/, '.join(store.PACKED_DIRS)}/, "
                                   "the only folders of a cache archive; refusing to install")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise CorruptArchiveError(f"unsafe archive member {name[:80]!r}: a path component over 255 bytes; "
+                                  "refusing to install")
     return "/".join(parts)
 
 
-def _check_member_type(m: tarfile.TarInfo) -> None:
-    if m.isreg() or m.isdir():
+def _check_member_type(m: _Member) -> None:
+    if m.isreg or m.isdir:
         return
-    kind = ("symbolic link" if m.issym() else "hard link" if m.islnk() else "device" if m.isdev()
-            else "fifo" if m.isfifo() else f"type {m.type!r}")
-    target = f" -> {m.linkname}" if m.issym() or m.islnk() else ""
-    raise CorruptArchiveError(f"unsafe archive member {m.name!r}{target}: a {kind}; cache archives hold "
+    target = f" -> {m.linkname}" if m.type in (b"1", b"2") else ""
+    raise CorruptArchiveError(f"unsafe archive member {m.name!r}{target}: a {m.kind}; cache archives hold "
                               "only regular files and folders; refusing to install")
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of an archive (reads only the first member; loads nothing)."""
-    with _open_stream(Path(path)) as (tar, _):
-        return _first_manifest(tar, _members(tar, Path(path)), Path(path))
+def _containers(data: bytes) -> int:
+    return data.count(b"{") + data.count(b"[")
 
 
-def scan(path: str | Path, extract_to: Path | None = None) -> dict:
-    """Read the whole archive, checking every member against the manifest; optionally extract.
+def parse_manifest(data: bytes, path) -> dict:
+    """The manifest, checked: types, names, sizes, checksums, entries. CorruptArchiveError otherwise."""
+    def bad(what):
+        return CorruptArchiveError(f"{path}: {MANIFEST} {what}; the archive was altered or damaged")
 
-    Raises CorruptArchiveError on any mismatch, unsafe member, truncation or missing file.
-    """
-    path = Path(path)
-    with _open_stream(path) as (tar, _):
-        members = _members(tar, path)
-        manifest = _first_manifest(tar, members, path)
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise CorruptArchiveError(f"{path}: manifest has no file list; not an sd3plugin cache archive")
-        for name in files:
-            check_member_name(name)
-        seen: set[str] = set()
-        folders: set[str] = set()
-        for m in members:
-            rel = check_member_name(m.name)
-            _check_member_type(m)
-            parents = {"/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)}
-            if parents & seen or (m.isreg() and rel in folders):
-                raise CorruptArchiveError(f"{path}: member {rel!r} is both a file and a folder; the archive was "
-                                          "altered")
-            folders |= parents | ({rel} if m.isdir() else set())
-            if m.isdir():
-                if extract_to is not None:
-                    (extract_to / rel).mkdir(parents=True, exist_ok=True)
-                continue
-            if rel not in files:
-                raise CorruptArchiveError(f"{path}: member {rel!r} is not in the manifest; the archive was "
-                                          "altered")
-            if rel in seen:
-                raise CorruptArchiveError(f"{path}: member {rel!r} appears twice; the archive was altered")
-            seen.add(rel)
-            _check_file(tar, m, rel, files[rel], path, extract_to)
-        missing = sorted(set(files) - seen)
-        if missing:
-            raise CorruptArchiveError(f"{path}: {len(missing)} file(s) of the manifest are missing (first: "
-                                      f"{missing[0]!r}); the archive is truncated or incomplete")
+    if _containers(data) > MAX_JSON_CONTAINERS:
+        raise bad(f"has over {MAX_JSON_CONTAINERS} JSON objects and arrays (the limit)")
+    try:
+        manifest = json.loads(data)
+    except RecursionError:
+        raise bad("is nested too deeply") from None
+    except ValueError:
+        raise CorruptArchiveError(f"{path}: {MANIFEST} is not valid JSON; the archive is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptArchiveError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+                                  f"is not {FORMAT!r}; pack it again with this sd3plugin")
+    stack = [(manifest, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"is nested over {MAX_JSON_DEPTH} levels deep")
+        children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CorruptArchiveError(f"{path}: manifest has no file list; not an sd3plugin cache archive")
+    folders: set[str] = set()
+    for name, info in files.items():
+        rel = check_member_name(name)
+        if rel != name:
+            raise bad(f"lists {name!r}, not a normalised path")
+        parts = rel.split("/")
+        if (not isinstance(info, dict) or type(info.get("size")) is not int or info["size"] < 0
+                or not isinstance(info.get("sha256"), str) or not _HEX64.fullmatch(info["sha256"])):
+            raise bad(f"has no valid size and sha256 for {name!r}")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = folders & set(files)
+    if clash:
+        raise CorruptArchiveError(f"{path}: member {sorted(clash)[0]!r} is both a file and a folder; the archive "
+                                  "was altered")
+    for name in files:
+        parts = name.split("/")
+        if len(parts) < 2:
+            raise bad(f"lists {name!r} as a file: it is the folder of the cache archive's {name}/ files")
+        if parts[0] == store.ENTRIES and len(parts) != 3:
+            raise bad(f"lists {name!r}: entry files are entries/<fingerprint>/<file>")
+    total = sum(f["size"] for f in files.values())
+    if manifest.get("total_bytes") != total or type(manifest.get("total_bytes")) is not int:
+        raise bad(f"declares total_bytes {manifest.get('total_bytes')!r}, its files sum to {total}")
+    entries = manifest.get("entries", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise bad("has no valid entry list")
+    fps = set()
+    for e in entries:
+        fp = e.get("fingerprint")
+        if not isinstance(fp, str) or not _FP_RE.fullmatch(fp) or fp in fps:
+            raise bad(f"has an entry with an invalid or repeated fingerprint {fp!r}")
+        fps.add(fp)
+        if f"{store.ENTRIES}/{fp}/{store.ENTRY_FILE}" not in files:
+            raise bad(f"lists entry {fp} without its {store.ENTRIES}/{fp}/{store.ENTRY_FILE}")
+        for key, kind in (("config", dict), ("composed_config", dict), ("environment", dict), ("shapes", list),
+                          ("blobs", dict)):
+            if e.get(key) is not None and not isinstance(e[key], kind):
+                raise bad(f"has an entry {fp} whose {key} is not a JSON {'object' if kind is dict else 'array'}")
+    for name in files:
+        parts = name.split("/")
+        if parts[0] == store.ENTRIES and parts[1] not in fps:
+            raise bad(f"lists {name!r} of an entry it does not describe")
+    env = manifest.get("environment", {})
+    if not isinstance(env, dict) or any(isinstance(v, (dict, list)) for v in env.values()):
+        raise bad("has no valid environment")
+    for e in entries:
+        if any(isinstance(v, (dict, list)) for v in (e.get("environment") or {}).values()):
+            raise bad(f"has an entry {e['fingerprint']} without a valid environment")
     return manifest
 
 
-def _check_file(tar, m, rel, expected, path, extract_to):
-    src = tar.extractfile(m)
-    h, size, out = hashlib.sha256(), 0, None
+def _bomb_check(manifest: dict, source: _Source, path) -> None:
+    total = manifest["total_bytes"]
+    allowed = MAX_RATIO * source.size + RATIO_SLACK
+    if total > allowed:
+        raise CorruptArchiveError(f"{path}: the manifest declares {total} bytes of files in a {source.size}-byte "
+                                  f"archive (over {MAX_RATIO}x + {RATIO_SLACK >> 20} MiB): a decompression bomb; "
+                                  "refusing it before unpacking anything")
+
+
+def _scan(source: _Source, path: Path, extract_to: Path | None = None, manifest_only: bool = False):
+    """Read the archive from the start through ``source`` checking every member against the manifest
+    (optionally writing the files under ``extract_to``); return (manifest, sha256 of the bytes read)."""
+    source.restart()
+    if source.size == 0:
+        raise CorruptArchiveError(f"{path}: an empty file, not an sd3plugin cache archive (make one with "
+                                  "`sd3plugin-cache pack`)")
+    stream = _Stream(source, path)
+    tar = _TarReader(stream, path)
+    first = tar.next()
+    if first is None:
+        raise CorruptArchiveError(f"{path}: the archive is empty; not an sd3plugin cache archive (make one "
+                                  "with `sd3plugin-cache pack`)")
+    if first.name != MANIFEST or not first.isreg:
+        raise CorruptArchiveError(f"{path}: the first member is not {MANIFEST}; not an sd3plugin cache archive "
+                                  "(make one with `sd3plugin-cache pack`)")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise CorruptArchiveError(f"{path}: {MANIFEST} is {first.size} bytes, over the limit of "
+                                  f"{MAX_MANIFEST_BYTES} bytes; refusing it before reading it")
+    data = stream.read(first.size)
+    tar.skip_padding(first.size)
+    manifest = parse_manifest(data, path)
+    del data
+    if manifest_only:
+        return manifest, None
+    _bomb_check(manifest, source, path)
+    files = manifest["files"]
+    folders = {"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)}
+    overhead = (len(files) + len(folders) + 2) * (MAX_EXTENDED_HEADERS * (MAX_HEADER_BYTES + BLOCK) + 2 * BLOCK)
+    stream.limit = min(stream.pos + manifest["total_bytes"] + overhead + MAX_TRAILING,
+                       MAX_RATIO * source.size + RATIO_SLACK)
+    seen: set[str] = set()
+    dirs_seen: set[str] = set()
+    while (m := tar.next()) is not None:
+        rel = check_member_name(m.name.rstrip("/") if m.isdir else m.name)
+        _check_member_type(m)
+        if m.isdir:
+            if rel in files:
+                raise CorruptArchiveError(f"{path}: member {rel!r} is both a file and a folder; the archive was "
+                                          "altered")
+            if rel not in folders:
+                raise CorruptArchiveError(f"{path}: member {rel!r} (a folder) is not in the manifest; the archive "
+                                          "was altered")
+            if rel in dirs_seen or m.size:
+                raise CorruptArchiveError(f"{path}: folder member {rel!r} appears twice or carries data; the "
+                                          "archive was altered")
+            dirs_seen.add(rel)
+            if extract_to is not None:
+                (extract_to / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        if rel in folders:
+            raise CorruptArchiveError(f"{path}: member {rel!r} is both a file and a folder; the archive was "
+                                      "altered")
+        if rel not in files:
+            raise CorruptArchiveError(f"{path}: member {rel!r} is not in the manifest; the archive was altered")
+        if rel in seen:
+            raise CorruptArchiveError(f"{path}: member {rel!r} appears twice; the archive was altered")
+        expected = files[rel]
+        if m.size != expected["size"]:
+            raise CorruptArchiveError(f"{path}: member {rel!r} declares {m.size} bytes, the manifest "
+                                      f"{expected['size']}; the archive was altered; refusing it before reading "
+                                      "its data")
+        seen.add(rel)
+        _copy_member(stream, tar, m, rel, expected, path, extract_to)
+    missing = sorted(set(files) - seen)
+    if missing:
+        raise CorruptArchiveError(f"{path}: {len(missing)} file(s) of the manifest are missing (first: "
+                                  f"{missing[0]!r}); the archive is truncated or incomplete")
+    stream.finish()
+    if source.read(1):
+        raise CorruptArchiveError(f"{path}: data after the end of the compressed stream; it was altered; "
+                                  "refusing it")
+    return manifest, source.sha256.hexdigest()
+
+
+def _copy_member(stream, tar, m, rel, expected, path, extract_to) -> None:
+    h, out = hashlib.sha256(), None
     if extract_to is not None:
         dest = extract_to / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -218,84 +682,51 @@ def _check_file(tar, m, rel, expected, path, extract_to):
                      0o755 if m.mode & 0o100 else 0o644)
         out = os.fdopen(fd, "wb")
     try:
-        while chunk := _read(src, path):
+        for chunk in stream.chunks(m.size):
             h.update(chunk)
-            size += len(chunk)
             if out is not None:
                 out.write(chunk)
     finally:
         if out is not None:
             out.close()
-    if size != expected.get("size") or h.hexdigest() != expected.get("sha256"):
+    tar.skip_padding(m.size)
+    if h.hexdigest() != expected["sha256"]:
         raise CorruptArchiveError(f"{path}: checksum mismatch for {rel!r} (manifest sha256 "
-                                  f"{str(expected.get('sha256'))[:16]}..., archive {h.hexdigest()[:16]}...); "
+                                  f"{expected['sha256'][:16]}..., archive {h.hexdigest()[:16]}...); "
                                   "the archive was altered or damaged; get a fresh copy")
 
 
-def _read(src, path):
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of an archive (reads only the first member; loads nothing)."""
+    path = Path(path).expanduser()
+    with _Source(path) as src:
+        return _scan(src, path, manifest_only=True)[0]
+
+
+def scan(path: str | Path) -> dict:
+    """Read the whole archive, checking every member against the manifest; write nothing."""
+    path = Path(path).expanduser()
+    with _Source(path) as src:
+        return _scan(src, path)[0]
+
+
+def signature_status(path: str | Path, trust: list[str] | None = None) -> dict:
+    """Whether ``path`` has a signature beside it, by which key, and whether a trusted key verifies it."""
+    path = Path(path).expanduser()
+    sig = Path(str(path) + signing.SUFFIX)
+    out = {"file": str(sig), "present": sig.is_file(), "key_id": None, "verified": None}
+    if not out["present"]:
+        return out
     try:
-        return src.read(CHUNK)
-    except (zstandard.ZstdError, tarfile.TarError, EOFError, OSError) as exc:
-        raise _truncated(path, exc) from None
-
-
-def _members(tar, path):
-    it = iter(tar)
-    while True:
-        try:
-            m = next(it)
-        except StopIteration:
-            return
-        except (zstandard.ZstdError, tarfile.TarError, EOFError, OSError) as exc:
-            raise _truncated(path, exc) from None
-        yield m
-
-
-def _first_manifest(tar, members, path: Path) -> dict:
-    first = next(members, None)
-    if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST_BYTES:
-        raise CorruptArchiveError(f"{path}: the first member is not {MANIFEST}; not an sd3plugin cache archive "
-                                  "(make one with `sd3plugin-cache pack`)")
-    src = tar.extractfile(first)
-    data = b"".join(iter(lambda: _read(src, path), b""))
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        raise CorruptArchiveError(f"{path}: {MANIFEST} is not valid JSON; the archive is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptArchiveError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
-                                  f"is not {FORMAT!r}; pack it again with this sd3plugin")
-    return manifest
-
-
-class _open_stream:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        if not self.path.is_file():
-            raise CacheNotFoundError(f"archive {str(self.path)!r} does not exist")
-        self.raw = open(self.path, "rb")
-        try:
-            self.reader = zstandard.ZstdDecompressor().stream_reader(self.raw)
-            self.tar = tarfile.open(fileobj=self.reader, mode="r|")
-        except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
-            self.raw.close()
-            raise _truncated(self.path, exc) from None
-        return self.tar, self.reader
-
-    def __exit__(self, *exc):
-        try:
-            self.tar.close()
-        except Exception:
-            pass
-        self.raw.close()
-        return False
-
-
-def _truncated(path, exc) -> CorruptArchiveError:
-    return CorruptArchiveError(f"{path}: cannot read the archive ({type(exc).__name__}: {exc}); it is truncated "
-                               "or not a zstd-compressed sd3plugin cache archive; get a fresh copy")
+        out["key_id"] = signing.read_signature(sig, path).get("key-id")
+        keys = signing.trusted_keys(trust)
+        if keys:
+            with _Source(path) as src:
+                signing.check(path, sig, src.hash_all(), keys)
+            out["verified"] = True
+    except CacheError as exc:
+        out["verified"], out["error"] = False, str(exc)
+    return out
 
 
 # -- install ----------------------------------------------------------------------------------------
@@ -319,60 +750,213 @@ def check_compatibility(manifest: dict, force: bool = False) -> list[str]:
 
 
 def install(archive: str | Path, root: str | Path, force: bool = False, expect_sha256: str | None = None,
-            lock_timeout: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Verify ``archive`` completely, then install it into the cache dir ``root``."""
-    archive, root = Path(archive).expanduser(), Path(root).expanduser()
-    if not archive.is_file():
-        raise CacheNotFoundError(f"archive {str(archive)!r} does not exist")
-    digest = file_sha256(archive)
-    if expect_sha256 is not None and digest != expect_sha256.strip().lower():
-        raise CorruptArchiveError(f"{archive}: sha256 is {digest}, expected {expect_sha256}; this is not the "
-                                  "archive you pinned; refusing to install")
-    manifest = scan(archive)  # pass 1: nothing is written
-    warnings = check_compatibility(manifest, force)
-    if root.exists() and not root.is_dir():
-        raise CacheWriteError(f"--cache-dir {str(root)!r} exists and is not a folder")
-    with cache_lock(root, lock_timeout, "install into"):
-        for stale in root.glob(".install-*"):  # left by an install that was killed (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+            lock_timeout: float = DEFAULT_TIMEOUT_S, trust: list[str] | None = None,
+            signature: str | Path | None = None) -> dict:
+    """Verify ``archive`` completely, then install it into the cache dir ``root`` (all or nothing).
+
+    ``trust``: public-key files (default: ``$SD3PLUGIN_TRUSTED_KEY``); with any, the archive must carry
+    a valid signature (``signature``, default ``ARCHIVE.sig``) by one of them.
+    """
+    from ..errors import ConfigError
+
+    archive, root = Path(archive).expanduser(), Path(root).expanduser().absolute()
+    keys = signing.trusted_keys(trust)
+    if expect_sha256 is not None:
+        expect_sha256 = expect_sha256.strip().lower()
+        if not _HEX64.fullmatch(expect_sha256):
+            raise ConfigError(f"--expect-sha256 {expect_sha256!r} is not a sha256 (64 hex digits)")
+    with _Source(archive) as src:
+        pinned, key_id = None, None
+        if keys or expect_sha256:  # the raw bytes only: nothing of the archive is parsed before this
+            pinned = src.hash_all()
+            if expect_sha256 and pinned != expect_sha256:
+                raise CorruptArchiveError(f"{archive}: sha256 is {pinned}, expected {expect_sha256}; this is not "
+                                          "the archive you pinned; refusing to install")
+            if keys:
+                sig = Path(signature).expanduser() if signature else Path(str(archive) + signing.SUFFIX)
+                key_id = signing.check(archive, sig, pinned, keys)
+        manifest, digest = _scan(src, archive)  # pass 1: nothing is written
+        if pinned is not None and digest != pinned:
+            raise CorruptArchiveError(f"{archive}: the archive changed while it was being read; refusing it")
+        warnings = check_compatibility(manifest, force)
+        if root.exists() and not root.is_dir():
+            raise CacheWriteError(f"--cache-dir {str(root)!r} exists and is not a folder")
+        _check_free_space(root, manifest)
+        created = not root.exists()
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=root))
+            result = _install_locked(src, archive, root, manifest, digest, force, warnings, key_id, lock_timeout)
+        except BaseException:
+            if created:  # a failed install into a new cache dir leaves no cache dir behind
+                _remove_if_only_lock(root)
+            raise
+    return result
+
+
+def _remove_if_only_lock(root: Path) -> None:
+    from .lock import LOCK_NAME
+
+    try:
+        if {p.name for p in root.iterdir()} <= {LOCK_NAME}:
+            (root / LOCK_NAME).unlink(missing_ok=True)
+            root.rmdir()
+    except OSError:
+        pass
+
+
+def _install_locked(src, archive, root, manifest, digest, force, warnings, key_id, lock_timeout) -> dict:
+    """Pass 2 and the commit, under the cache dir's lock."""
+    with cache_lock(root, lock_timeout, "install into") as held:
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=store.INSTALL_PREFIX, dir=root))
         except OSError as exc:
-            raise CacheWriteError(f"cannot write into {str(root)!r}: {exc.strerror}") from None
+            raise _write_error(root, exc) from None
         try:
-            scan(archive, extract_to=tmp / "new")  # pass 2: extract, checking every byte again
-            replaced = _move_into_place(tmp / "new", root, tmp)
-            record = {"archive": str(archive), "archive_sha256": digest, "installed": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": bool(force and warnings), "manifest": {
-                k: v for k, v in manifest.items() if k != "files"}, "files": len(manifest["files"])}
-            history = (store.read_json(root / store.INSTALLED) or {}).get("history", [])
-            record["history"] = history[-9:] + [{k: record[k] for k in ("archive", "archive_sha256", "installed")}]
-            store.write_json(root / store.INSTALLED, record)
+            try:
+                _, digest2 = _scan(src, archive, extract_to=staging / "new")  # pass 2: every byte again
+            except OSError as exc:
+                raise _write_error(root, exc) from None
+            if digest2 != digest:
+                raise CorruptArchiveError(f"{archive}: the archive changed while it was being installed; "
+                                          "refusing it (the cache is as it was)")
+            record = {"archive": str(archive), "archive_sha256": digest, "installed": store._now(),
+                      "forced": bool(force and warnings), "signed_by": key_id,
+                      "manifest": {k: v for k, v in manifest.items() if k != "files"},
+                      "files": len(manifest["files"])}
+            try:
+                replaced, kept = _commit(staging, root, manifest, record)
+            except OSError as exc:
+                raise _write_error(root, exc) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            journal = store.read_json(staging / store.JOURNAL)
+            if not journal or journal.get("state") != "moving":  # else: left for recovery
+                shutil.rmtree(staging, ignore_errors=True)
     return {"archive": str(archive), "archive_sha256": digest, "cache_dir": str(root), "warnings": warnings,
-            "replaced_entries": replaced, "files": len(manifest["files"]),
-            "entries": [e.get("fingerprint") for e in manifest.get("entries", [])],
-            "total_bytes": manifest.get("total_bytes")}
+        "replaced_entries": replaced, "kept_blobs": kept, "files": len(manifest["files"]),
+        "entries": [e.get("fingerprint") for e in manifest.get("entries", [])],
+        "total_bytes": manifest.get("total_bytes"), "signed_by": key_id,
+        "recovered": held.maintenance["recovered"], "repaired": held.maintenance["repaired"]}
 
 
-def _move_into_place(new: Path, root: Path, tmp: Path) -> list[str]:
-    """Inductor files first (each one atomic, content-addressed), then each entry by one rename."""
-    src = new / store.INDUCTOR
-    if src.is_dir():
-        for dirpath, _, filenames in os.walk(src):
-            rel_dir = Path(dirpath).relative_to(new)
-            (root / rel_dir).mkdir(parents=True, exist_ok=True)
-            for name in filenames:
-                os.replace(Path(dirpath) / name, root / rel_dir / name)
-    replaced = []
-    src = new / store.ENTRIES
-    if src.is_dir():
-        (root / store.ENTRIES).mkdir(parents=True, exist_ok=True)
-        for d in sorted(src.iterdir()):
-            dest = root / store.ENTRIES / d.name
-            if dest.exists():
-                os.rename(dest, tmp / f"replaced-{d.name}")
-                replaced.append(d.name)
-            os.rename(d, dest)
-    return replaced
+def _write_error(root: Path, exc: OSError) -> CacheWriteError:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = "free some space or choose another --cache-dir" if full else "check its permissions or choose another --cache-dir"
+    return CacheWriteError(f"cannot write into {str(root)!r}: {_why(exc)}; {hint} (the cache is as it was)")
+
+
+def _check_free_space(root: Path, manifest: dict) -> None:
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    need = manifest["total_bytes"]
+    if need > free:
+        raise CacheWriteError(f"cannot install into {str(root)!r}: the archive unpacks to {need} bytes and "
+                              f"{free} are free; free some space or choose another --cache-dir (nothing was written)")
+
+
+def _check_place(root: Path, rel: str, folder: bool) -> None:
+    """CacheWriteError when the cache dir has a file (or link) where ``rel`` needs a folder, or the reverse."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        p = root.joinpath(*parts[:i])
+        if os.path.lexists(p) and (p.is_symlink() or not p.is_dir()):
+            raise CacheWriteError(f"cannot install {rel}: {p} in the cache dir is a file or a link where the archive "
+                                  "has a folder; remove it (`sd3plugin-cache clear`) or choose another --cache-dir "
+                                  "(the cache is as it was)")
+    p = root / rel
+    if os.path.lexists(p) and (folder != (p.is_dir() and not p.is_symlink())):
+        have, want = ("a file or a link", "a folder") if folder else ("a folder", "a file")
+        raise CacheWriteError(f"cannot install {rel}: the cache dir has {have} there, the archive {want}; remove "
+                              "it (`sd3plugin-cache clear`) or choose another --cache-dir (the cache is as it was)")
+
+
+def _same_file(path: Path, info: dict) -> bool:
+    try:
+        st = path.lstat()
+        return stat.S_ISREG(st.st_mode) and st.st_size == info["size"] and store.sha256_file(path) == info["sha256"]
+    except OSError:
+        return False
+
+
+def _commit(staging: Path, root: Path, manifest: dict, record: dict) -> tuple[list[str], list[str]]:
+    """Plan every move (checking for clashes first), merge local blobs into replaced entries, then move
+    everything into place under the journal."""
+    new = staging / "new"
+    files = manifest["files"]
+    txn = store.Transaction(root, staging)
+    records = store.read_checksums(root)
+    for rel in sorted(files):
+        _check_place(root, rel if not rel.startswith(store.ENTRIES + "/") else "/".join(rel.split("/")[:2]),
+                     folder=rel.startswith(store.ENTRIES + "/"))
+    for name in (store.INSTALLED, store.CHECKSUMS):
+        _check_place(root, name, folder=False)
+    for rel in sorted(r for r in files if r.startswith(store.INDUCTOR + "/")):
+        if _same_file(root / rel, files[rel]):  # content-addressed and identical: leave it as it is
+            records[rel] = store.file_record(root / rel, files[rel]["sha256"])
+            continue
+        txn.add(new / rel, rel)
+        records[rel] = store.file_record(new / rel, files[rel]["sha256"])
+    replaced, kept = [], []
+    entries = {e["fingerprint"]: e for e in manifest.get("entries", [])}
+    for fp in sorted(entries):
+        rel = f"{store.ENTRIES}/{fp}"
+        dst = root / rel
+        for r in [r for r in records if r.startswith(rel + "/")]:
+            records.pop(r)
+        if dst.is_dir() and not dst.is_symlink():
+            replaced.append(fp)
+            kept += [f"{fp}/{n}" for n in _merge_entry(dst, new / rel, entries[fp])]
+        for p in sorted((new / rel).iterdir()):
+            known = files.get(f"{rel}/{p.name}")
+            records[f"{rel}/{p.name}"] = store.file_record(
+                p, known["sha256"] if known and p.name != store.ENTRY_FILE else None)
+        txn.add(new / rel, rel)
+    history = (store.read_json(root / store.INSTALLED) or {}).get("history", [])
+    history = history if isinstance(history, list) else []
+    record["history"] = history[-9:] + [{k: record[k] for k in ("archive", "archive_sha256", "installed")}]
+    store.write_json(new / store.INSTALLED, record)
+    txn.add(new / store.INSTALLED, store.INSTALLED)
+    store.write_json(new / store.CHECKSUMS, {"format": 1, "files": records})
+    txn.add(new / store.CHECKSUMS, store.CHECKSUMS)
+    txn.commit()
+    return replaced, kept
+
+
+def _merge_entry(old: Path, new: Path, entry: dict) -> list[str]:
+    """Keep what the cache's entry has and the archive's lacks (blobs of shapes a local ``warm`` added):
+    link them into the staged entry and merge its entry.json. Only when both were built for the same
+    environment. Returns the names kept."""
+    old_meta = store.read_json(old / store.ENTRY_FILE) or {}
+    new_meta = store.read_json(new / store.ENTRY_FILE)
+    if new_meta is None or not isinstance(old_meta.get("environment"), dict):
+        return []
+    errors, _ = compatibility(old_meta["environment"], entry.get("environment") or {},
+                              (entry.get("config") or {}).get("device"))
+    if errors:
+        return []
+    old_blobs = old_meta.get("blobs") if isinstance(old_meta.get("blobs"), dict) else {}
+    if not isinstance(new_meta.get("blobs"), dict):
+        new_meta["blobs"] = {}
+    kept = []
+    for name, info in sorted(old_blobs.items()):
+        src, dst = old / name, new / name
+        if (not isinstance(name, str) or not name.endswith(store.BLOB_SUFFIX) or "/" in name or name.startswith(".")
+                or os.path.lexists(dst) or not src.is_file() or src.is_symlink()):
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        new_meta["blobs"][name] = info
+        kept.append(name)
+    shapes = new_meta.get("shapes") if isinstance(new_meta.get("shapes"), list) else []
+    old_shapes = old_meta.get("shapes") if isinstance(old_meta.get("shapes"), list) else []
+    added = [s for s in old_shapes if s not in shapes]
+    if kept or added:
+        new_meta["shapes"] = shapes + added
+        store.write_json(new / store.ENTRY_FILE, new_meta)
+    return kept

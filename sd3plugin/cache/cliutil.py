@@ -42,9 +42,12 @@ def cache_root(args) -> Path:
     return Path(compose_args(args).cache_dir).expanduser().absolute()
 
 
-def emit(args, result: dict, text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, default=str))
+def emit(args, result: dict, text: str | None) -> None:
+    """``result`` as JSON with --json (or when there is no ``text``), else ``text``. JSON is written in
+    pieces, never built whole in memory."""
+    if getattr(args, "json", False) or text is None:
+        json.dump(result, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
     else:
         print(text)
 

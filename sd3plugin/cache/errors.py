@@ -34,6 +34,13 @@ class CacheWriteError(CacheError):
     exit_name = "cannot_write"
 
 
+class UntrustedArchiveError(CacheError):
+    """A trusted key is set (``--trust`` / ``SD3PLUGIN_TRUSTED_KEY``) and the archive is unsigned or its
+    signature does not verify (never overridable)."""
+
+    exit_name = "untrusted"
+
+
 class NothingCompiledError(CacheError):
     """``verify`` had to compile: the installed cache did not cover this config/shape."""
 

@@ -24,7 +24,6 @@ WARN_MATCH = ("gpu", "cudnn", "diffusers", "sd3plugin")
 
 def environment() -> dict:
     """Versions and hardware of this machine, as recorded in a manifest."""
-    import diffusers
     import torch
 
     from .. import __version__
@@ -32,7 +31,7 @@ def environment() -> dict:
     env = {"sd3plugin": __version__, "python": ".".join(platform.python_version_tuple()[:2]),
            "python_full": platform.python_version(), "machine": platform.machine(),
            "torch": torch.__version__, "triton": _triton_version(), "cuda": torch.version.cuda,
-           "cudnn": _cudnn_version(), "diffusers": diffusers.__version__, "gpu": "cpu",
+           "cudnn": _cudnn_version(), "diffusers": _diffusers_version(), "gpu": "cpu",
            "gpu_capability": "cpu"}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -40,7 +39,30 @@ def environment() -> dict:
     return env
 
 
+def _diffusers_version() -> str | None:
+    """diffusers' version without importing it where it is not loaded yet (install and info stay small)."""
+    import sys
+
+    if "diffusers" in sys.modules:
+        return sys.modules["diffusers"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return None
+
+
 def _triton_version() -> str | None:
+    import sys
+
+    if "triton" not in sys.modules:  # the installed version, without importing it (install stays small)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("triton")
+        except PackageNotFoundError:
+            pass
     try:
         import triton
     except ImportError:

@@ -52,10 +52,15 @@ def load_entries(root: str | Path) -> dict:
             except OSError as exc:
                 result["skipped"].append({"blob": str(path), "reason": f"cannot read it: {exc.strerror}"})
                 continue
-            info = torch.compiler.load_cache_artifacts(data)
+            with _quiet_torch_cache_log() as failures:
+                try:
+                    info = torch.compiler.load_cache_artifacts(data)
+                except Exception as exc:  # a damaged or foreign blob: skip it, one line, no traceback
+                    info, failures[:] = None, [f"{type(exc).__name__}: {exc}"]
             _LOADED[str(path)] = ident
             if info is None:
-                result["skipped"].append({"blob": str(path), "reason": "torch could not read it"})
+                why = f" ({failures[-1][:200]})" if failures else ""
+                result["skipped"].append({"blob": str(path), "reason": f"torch could not read it{why}"})
                 continue
             result["loaded"].append(str(path))
             for kind, keys in info.artifacts.items():
@@ -64,9 +69,40 @@ def load_entries(root: str | Path) -> dict:
     if result["loaded"]:
         log.info("sd3plugin: loaded %d compile-cache blob(s) from %s (%s)", len(result["loaded"]), root,
                  ", ".join(f"{v} {k}" for k, v in result["artifacts"].items()))
-    for skipped in result["skipped"]:
+    for skipped in result["skipped"][:3]:
         log.warning("sd3plugin: compile cache %s not loaded: %s", skipped["blob"], skipped["reason"])
+    if len(result["skipped"]) > 3:
+        log.warning("sd3plugin: %d more compile-cache blobs not loaded (see report(pipe)['cache'])",
+                    len(result["skipped"]) - 3)
     return result
+
+
+class _quiet_torch_cache_log:
+    """Turn torch's Mega-Cache load failures (logged with a traceback) into one line each: yields the
+    list of their messages and keeps them off the log."""
+
+    LOGGER = "torch.compiler._cache"
+
+    def __enter__(self):
+        self.failures: list[str] = []
+        failures = self.failures
+
+        class _Capture(logging.Filter):
+            def filter(self, record):
+                if record.levelno >= logging.WARNING:
+                    exc = record.exc_info[1] if record.exc_info else None
+                    failures.append(f"{type(exc).__name__}: {exc}" if exc else record.getMessage())
+                    return False
+                return True
+
+        self.filter = _Capture()
+        self.logger = logging.getLogger(self.LOGGER)
+        self.logger.addFilter(self.filter)
+        return self.failures
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.filter)
+        return False
 
 
 def save_artifacts() -> tuple[bytes, dict] | None:
