@@ -54,7 +54,8 @@ class GlobalSettings:
         self._saved_flags: dict[str, object] = {}
         self._saved_env: dict[str, object] = {}
         self._recorders: list[list] = []
-        self._owned: dict[tuple[str, str], int] = {}  # settings held by recorded changes not yet reverted
+        # settings held by recorded changes not yet reverted: (kind, key) -> [holders, the value they set last]
+        self._owned: dict[tuple[str, str], list] = {}
 
     def set_flag(self, path: str, value) -> None:
         obj, attr = _resolve(path)
@@ -81,17 +82,19 @@ class GlobalSettings:
             yield changes
         finally:
             self._recorders.remove(changes)
-            for kind, key, _previous, _value in changes:
-                self._owned[(kind, key)] = self._owned.get((kind, key), 0) + 1
+            for kind, key, _previous, value in changes:
+                held = self._owned.setdefault((kind, key), [0, value])
+                held[0] += 1
+                held[1] = value
 
     def revert(self, changes: list) -> None:
         """Undo ``changes`` (from ``recording()``), newest first; settings changed since are left alone."""
         for kind, key, previous, value in reversed(changes):
-            count = self._owned.get((kind, key), 0) - 1
-            if count > 0:
-                self._owned[(kind, key)] = count
-            else:
-                self._owned.pop((kind, key), None)
+            held = self._owned.get((kind, key))
+            if held is not None:
+                held[0] -= 1
+                if held[0] <= 0:
+                    del self._owned[(kind, key)]
             if kind == "flag":
                 obj, attr = _resolve(key)
                 if getattr(obj, attr) is value or getattr(obj, attr) == value:
@@ -104,21 +107,20 @@ class GlobalSettings:
                                                           for k, v in self._saved_env.items()}}
 
     def restore(self) -> None:
-        """Put back every setting changed through this object, except those an optimized pipeline still holds."""
+        """Put back every setting changed through this object; a setting an optimized pipeline still holds
+        gets the value that pipeline set (later changes made outside a pipeline are undone)."""
         for path, value in list(self._saved_flags.items()):
-            if ("flag", path) in self._owned:
-                continue
+            held = self._owned.get(("flag", path))
             obj, attr = _resolve(path)
-            setattr(obj, attr, value)
-            del self._saved_flags[path]
+            setattr(obj, attr, held[1] if held else value)
+            if not held:
+                del self._saved_flags[path]
         for name, value in list(self._saved_env.items()):
-            if ("env", name) in self._owned:
-                continue
-            if value is _MISSING:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-            del self._saved_env[name]
+            held = self._owned.get(("env", name))
+            target = held[1] if held else (None if value is _MISSING else value)
+            _set_env(name, target)
+            if not held:
+                del self._saved_env[name]
 
 
 GLOBAL_SETTINGS = GlobalSettings()
