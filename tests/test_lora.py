@@ -273,3 +273,26 @@ def test_fp8_refuses_a_lora_on_quantized_layers(tiny_path, loras):
     with pytest.raises(sd3plugin.ConfigError, match="quant=fp8_e4m3_e4m3_dynamic quantized"):
         pipe.load_lora_weights(loras["a"])
     assert torch.equal(before, _gpu_latents(pipe))
+
+
+def test_a_cuda_graph_runner_consults_the_guard_before_every_call(tiny_path, loras, monkeypatch):
+    """A replayed graph never reaches forward(): the runner must call the guard itself (CPU: plain calls)."""
+    from sd3plugin.backends import cudagraph
+    from sd3plugin.transforms import compile as compile_transform
+
+    monkeypatch.setattr(InductorBackend, "compile", lambda self, t, plan: (
+        cudagraph.install(t), {"compiled_modules": ["transformer_blocks.0"], "cuda_graphs": "test"})[1])
+    seen = []
+    real = compile_transform.GuardedForward.before_call
+    monkeypatch.setattr(compile_transform.GuardedForward, "before_call", lambda self: (seen.append(1), real(self)))
+    plain = _load(tiny_path)
+    opt = sd3plugin.optimize(_load(tiny_path), overrides=["backend=inductor", "device=cpu"])
+    runner = cudagraph.runner_of(opt.transformer)
+    assert runner is not None and runner.before is not None
+    _both(plain, opt, lambda p: p.load_lora_weights(loras["a"]))  # the runner is hidden while PEFT loads
+    assert cudagraph.runner_of(opt.transformer) is runner
+    assert _diff(_latents(plain), _latents(opt)) < TOL
+    assert len(seen) >= 2 and runner.suspended and "LoRA" in runner.suspended
+    _both(plain, opt, lambda p: p.unload_lora_weights())
+    _latents(opt)
+    assert runner.suspended is None

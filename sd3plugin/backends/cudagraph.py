@@ -40,6 +40,7 @@ class CudaGraphForward:
         self.params: list = []          # (owner module, name, tensor, address) at capture
         self.suspended: str | None = None
         self.invalidated = 0
+        self.before = None  # called first at every call (the transformer's guard: weights in sync, LoRA state)
 
     def suspend(self, reason: str | None) -> None:
         """Run plain calls (``reason``) or, with None, replay again."""
@@ -90,6 +91,8 @@ class CudaGraphForward:
         return tuple(key)
 
     def __call__(self, *args, **kwargs):
+        if self.before is not None:
+            self.before()
         if torch.is_grad_enabled() or self.suspended:  # autograd (no gradients in graphs), LoRA, offload
             return self._plain(args, kwargs)
         if self.graphs and not self._params_unchanged():

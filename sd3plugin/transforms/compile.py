@@ -50,6 +50,12 @@ class GuardedForward:
         self.on_error, self.what, self.fused = on_error, what, fused
         self.active, self.calls = True, 0
 
+    def before_call(self) -> None:
+        """Keep the fused projections exact and CUDA graphs valid; CudaGraphForward calls this too, since a
+        replayed graph never reaches ``forward``."""
+        if self.active and self.what != "vae":
+            self._before()
+
     def _before(self) -> None:
         owner, report = self.owner, self.report
         adapters = dcompat.has_adapters(owner)
@@ -70,8 +76,7 @@ class GuardedForward:
         fn = getattr(type(self.owner), self.method)
         if not self.active:
             return fn(self.owner, *args, **kwargs)
-        if self.what != "vae":
-            self._before()
+        self.before_call()
         before = tcompat.graph_count()
         try:
             return fn(self.owner, *args, **kwargs)
@@ -129,6 +134,9 @@ def apply(run: Run, kernel_handles: list[Handle]) -> Handle | None:
     guard = GuardedForward(t, "forward", undo_compile, report, plan.on_error, backend.name,
                            fused=getattr(run, "fused", None))
     t.forward = guard
+    runner = cudagraph.runner_of(t)
+    if runner is not None:
+        runner.before = guard.before_call
     return Handle(NAME, guard.remove, {})
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 
+from ..backends import cudagraph
 from ..compat import diffusers as dcompat
+from ..compat import torch as tcompat
 from ..errors import ConfigError
 from .base import Handle, Run
 
@@ -33,13 +35,16 @@ def _lora_targets(state_dict) -> set[str]:
 
 
 def _guard_loads(transformer, quantized: list[str], quant: str):
+    """Wrap the transformer's ``load_lora_adapter`` (what ``pipe.load_lora_weights`` calls): refuse LoRAs on
+    quantized layers; hide the whole-step CUDA-graph runner while PEFT prepares hot-swapping (PEFT refuses
+    a module that has a compiled call of its own) and drop its graphs after a load."""
     original = transformer.load_lora_adapter  # bound method of diffusers' PeftAdapterMixin
 
     @functools.wraps(original)
     def load_lora_adapter(pretrained_model_name_or_path_or_dict, *args, **kwargs):
         sd = pretrained_model_name_or_path_or_dict
         targets = _lora_targets(sd) if isinstance(sd, dict) else None
-        hit = sorted(set(quantized) & targets) if targets is not None else quantized
+        hit = sorted(set(quantized) & targets) if targets is not None and quantized else quantized
         if hit:
             raise ConfigError(f"this LoRA targets {len(hit)} layer(s) that quant={quant} quantized "
                               f"({', '.join(hit[:3])}{' ...' if len(hit) > 3 else ''}); load the LoRA before "
@@ -64,7 +69,7 @@ def apply(run: Run) -> Handle | None:
         report["hotswap_rank"] = int(plan.lora_hotswap_rank)
         undo.append(lambda: dcompat.clear_hotswap(t))
     quantized = list(run.report.get("quant", {}).get("modules") or [])
-    if quantized and hasattr(t, "load_lora_adapter"):
+    if hasattr(t, "load_lora_adapter"):
         undo.append(_guard_loads(t, quantized, plan.quant_type))
     run.report["lora"] = report
     if not undo:
