@@ -10,11 +10,11 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
   through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
 - ``fa3``: FlashAttention-3's bf16 forward (package ``fa3-fwd``; compute capability 9.0), through the custom
   op ``sd3plugin::fa3_attention`` (``sd3plugin.kernels.fa3``); an fp16 model's Q/K/V are converted to bf16;
+- ``fa3_fp8``: FA3's fp8 e4m3 forward on Q/K/V quantized per (batch, head) in the op. Quantization: opt-in,
+  never picked by ``auto``;
 - ``auto``: the first kernel of ``AUTO_PICKS[(compute capability major, dtype)]`` (the fastest measured
   there, docs/performance.md "attention=auto picks") that can run here, else ``sdpa``; the reason goes into
   ``report(pipe)["attention"]``;
-- ``fa3_fp8``: FA3's fp8 e4m3 forward on Q/K/V quantized per (batch, head) in the op. Quantization: opt-in,
-  never picked by ``auto``;
 - ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
   ``sd3plugin.quantized_attention``. Quantization: opt-in, never picked by ``auto``.
 
