@@ -1,4 +1,7 @@
-"""Attention kernels at SD3's shapes on this GPU: cuDNN, flash (FA2), efficient SDPA and FlashAttention-4,
+"""Attention kernels at SD3's shapes on this GPU: cuDNN, flash (FA2), efficient SDPA, FlashAttention-4,
+FlashAttention-3 (`attention=fa3`: bf16, an fp16 input converted in the op; `attention=fa3_fp8`: Q/K/V
+quantized to e4m3 with one scale per batch and head inside the op, timed with that quantization, plus the
+kernel alone and the quantization alone; needs fa3-fwd, `pip download --no-deps fa3-fwd==0.0.3`),
 sd3plugin's 8-bit kernels (`attention=int8`: int8 Q.K^T, 16-bit P.V; `attention=int8_fp8`: int8 Q.K^T, fp8
 P.V; Triton; timed with their quantization compiled by torch.compile, as in the model, and the kernel alone),
 plus SageAttention 1 (int8 Q.K^T, 16-bit P.V; Triton) where it is installed
@@ -43,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default="attn.json")
     ap.add_argument("--tokens", type=int, default=4096 + 333)
     args = ap.parse_args()
-    from sd3plugin.kernels import attention, quantized_attention as qa
+    from sd3plugin.kernels import attention, fa3, quantized_attention as qa
 
     quant16 = torch.compile(functools.partial(qa.quantize_qkv, pv="16bit"))
     quant8 = torch.compile(functools.partial(qa.quantize_qkv, pv="fp8"))
@@ -62,11 +65,16 @@ def main() -> None:
             "flash (FA2)": lambda: _sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt),
             "efficient": lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt),
             "fa4": lambda: attention.fa4_attention(q, k, v),
+            "fa3 (bf16" + (", converted from fp16)" if dtype == torch.float16 else ")"): lambda: fa3.fa3_attention(q, k, v, False),
+            "fa3_fp8 (per-head scales, quantization included)": lambda: fa3.fa3_attention(q, k, v, True),
+            "fa3_fp8 kernel only": lambda: _fa3_fp8_kernel(fa3, pre_fp8),
+            "fa3_fp8 quantize only (3 tensors, per head)": lambda: [fa3.quantize_per_head(t) for t in (q, k, v)][-1][1],
             "sage (int8 QK)": lambda: _sage(q, k, v),
             "int8 (sd3plugin)": lambda: qa.int8_attention_op(*quant16(q, k, v), dtype),
             "int8_fp8 (sd3plugin)": lambda: qa.int8_attention_op(*quant8(q, k, v), dtype),
         }
         pre16, pre8 = quant16(q, k, v), quant8(q, k, v)
+        pre_fp8 = [fa3.quantize_per_head(t) for t in (q, k, v)]
         kernels["int8 kernel only"] = lambda: qa.attention_quantized(*pre16, dtype)
         kernels["int8_fp8 kernel only"] = lambda: qa.attention_quantized(*pre8, dtype)
         kernels["quantize (compiled) only, fp8 P.V"] = lambda: quant8(q, k, v)[0]
@@ -92,6 +100,14 @@ def main() -> None:
             results["rows"].append(row)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+
+
+def _fa3_fp8_kernel(fa3, pre):
+    """FA3's fp8 kernel on Q/K/V quantized beforehand (what ``fa3_attention(..., True)`` runs after its
+    quantization)."""
+    (q8, qd), (k8, kd), (v8, vd) = pre
+    out = fa3._fa3_func()(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _sage(q, k, v):

@@ -4,10 +4,11 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | attn | gelu | profile | attn8 | attn8quant | fa4 | fa4quant | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | gelu | profile | attn8 | attn8quant | fa4 | fa4quant | fa3 | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
-# attn, fa4, fa4quant and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
-# GPU machine). Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
+# attn, fa4, fa4quant, fa3 and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
+# GPU machine); fa3 (and attn's FA3 rows) need fa3-fwd 0.0.3 on an H100 / H200 with a CUDA 13 torch
+# (pip download --no-deps fa3-fwd==0.0.3 -d .whl). Each section is one sd3plugin-bench (or sd3plugin-cache) run; its bench.json/.md/.png land in
 # $OUT/<section>/ and are copied to docs/benchmarks/<section>/ by hand after review.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -114,6 +115,11 @@ section() {
       run fa4quant $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
         "bench.variants='fp8+fa4=mode=max-speed quant=fp8_e4m3_e4m3_dynamic attention=fa4'"
       ;;
+    fa3)  # fp8 attention (FlashAttention-3, one scale per batch and head) against FA4, both with fp8 linear
+          # layers, fastest mode (bf16, batch 1): it/s, E2E, latents rel. err and PSNR against bf16 eager
+      run fa3 $COMMON dtype=bfloat16 bench.cache_warmup=false \
+        "bench.variants='fp8+fa4=mode=max-speed quant=fp8_e4m3_e4m3_dynamic attention=fa4; fp8+fa3_fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic attention=fa3_fp8'"
+      ;;
     speed)  # eager against the mode presets at 1024x1024 (compile caches cold per variant)
       run speed $COMMON bench.cache_warmup=false \
         "bench.variants='default=mode=default; default+cudagraphs=mode.spec=max-optimize:low-precision:cudagraphs; none+cudagraphs=mode.spec=cudagraphs'"
@@ -156,7 +162,7 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       run vae $COMMON bench.cache_warmup=false bench.quality=false \
         "bench.variants='max-speed+fa4+vae=mode=max-speed attention=fa4 compile_vae=true'"
       ;;
-    *) echo "unknown section $1 (env attn gelu profile attn8 attn8quant fa4 fa4quant speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
+    *) echo "unknown section $1 (env attn gelu profile attn8 attn8quant fa4 fa4quant fa3 speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
   esac
 }
 

@@ -62,7 +62,7 @@ def test_kernel_choice_on_cpu():
     with pytest.raises(sd3plugin.ConfigError, match=r"attention=fa4 cannot run: FA4 needs a CUDA GPU.*attention=auto"):
         attention.resolve_kernel("fa4", "cpu", torch.float32)
     with pytest.raises(sd3plugin.ConfigError,
-                       match="attention='flash3' is not valid; choose one of: auto, sdpa, fa4, int8, int8_fp8"):
+                       match="attention=.flash3. is not valid; choose one of: auto, sdpa, fa4, fa3, fa3_fp8, int8, int8_fp8"):
         sd3plugin.config.compose(None, ["attention=flash3"])
 
 

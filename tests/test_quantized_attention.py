@@ -107,7 +107,7 @@ def test_kernel_matches_reference_in_the_interpreter():
 
 
 def test_kernel_choice_and_errors_on_cpu():
-    assert attention.KERNELS == ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+    assert attention.KERNELS == ("auto", "sdpa", "fa4", "fa3", "fa3_fp8", "int8", "int8_fp8")
     for name in ("int8", "int8_fp8"):
         with pytest.raises(ConfigError, match=rf"attention={name} needs a CUDA GPU \(this run is on CPU\)"):
             attention.resolve_kernel(name, "cpu", torch.float16)

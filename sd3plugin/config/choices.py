@@ -32,7 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MEMORY_FORMATS = ("channels_last", "contiguous_format", "preserve")
 # Attention kernels of the optimized transformer; sd3plugin.attention imports this as its KERNELS.
-ATTENTION_KERNELS = ("auto", "sdpa", "fa4", "int8", "int8_fp8")
+ATTENTION_KERNELS = ("auto", "sdpa", "fa4", "fa3", "fa3_fp8", "int8", "int8_fp8")
 
 OnError = _choice_enum("OnError", ON_ERROR)
 Device = _choice_enum("Device", DEVICES)

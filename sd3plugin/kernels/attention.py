@@ -8,8 +8,13 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (torch picks cuDNN / flash / efficient);
 - ``fa4``: FlashAttention-4's CuTe kernels (package ``flash-attn-4``; Hopper and Blackwell GPUs), called
   through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
-- ``auto``: ``fa4`` where it can run (CUDA, compute capability 9.x/10.x, fp16/bf16, package importable),
-  else ``sdpa``; the reason goes into ``report(pipe)["attention"]``;
+- ``fa3``: FlashAttention-3's bf16 forward (package ``fa3-fwd``; compute capability 9.0), through the custom
+  op ``sd3plugin::fa3_attention`` (``sd3plugin.kernels.fa3``); an fp16 model's Q/K/V are converted to bf16;
+- ``fa3_fp8``: FA3's fp8 e4m3 forward on Q/K/V quantized per (batch, head) in the op. Quantization: opt-in,
+  never picked by ``auto``;
+- ``auto``: the first kernel of ``AUTO_PICKS[(compute capability major, dtype)]`` (the fastest measured
+  there, docs/performance.md "attention=auto picks") that can run here, else ``sdpa``; the reason goes into
+  ``report(pipe)["attention"]``;
 - ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
   ``sd3plugin.quantized_attention``. Quantization: opt-in, never picked by ``auto``.
 
@@ -29,10 +34,26 @@ from ..compat import diffusers as dcompat
 from ..config.choices import ATTENTION_KERNELS as KERNELS  # one table: the config's
 from ..errors import ConfigError
 from . import joint_attention, quantized_attention
+from .fa3 import FA3_INSTALL, fa3_attention, fa3_unavailable  # noqa: F401  (FA3_INSTALL: re-exported)
 from .fa4 import FA4_INSTALL, fa4_attention, fa4_unavailable  # noqa: F401  (FA4_INSTALL: re-exported)
 
 log = logging.getLogger("sd3plugin")
 PV_OF = {"int8": "16bit", "int8_fp8": "fp8"}  # the 8-bit kernels and how each multiplies P by V
+FA3_FP8 = {"fa3": False, "fa3_fp8": True}  # the FA3 kernels and whether each quantizes to fp8
+
+# What attention=auto tries, by (compute capability major, dtype): the 16-bit kernels measured faster than
+# sdpa there, fastest first; the first that can run is used, else sdpa. Quantized kernels are never here.
+# Measured on an H200 at SD3-medium's joint shape (docs/benchmarks/README.md#attention-kernels): fp16 FA4
+# 0.459 ms (FA3 has no fp16 kernel), bf16 FA4 0.454 ms, FA3 0.472 ms, cuDNN SDPA 0.582 ms. Blackwell: FA4
+# (not measured here). docs/performance.md renders this table ("attention=auto picks").
+AUTO_PICKS = {
+    (9, "float16"): ("fa4",),
+    (9, "bfloat16"): ("fa4", "fa3"),
+    (10, "float16"): ("fa4",),
+    (10, "bfloat16"): ("fa4",),
+}
+_AUTO_NAMES = {"fa4": "FlashAttention-4", "fa3": "FlashAttention-3, bf16"}
+_UNAVAILABLE = {"fa4": fa4_unavailable, "fa3": fa3_unavailable}
 
 
 def int8_unavailable(kernel: str, device: str, dtype: torch.dtype | None) -> str | None:
@@ -55,7 +76,8 @@ def int8_unavailable(kernel: str, device: str, dtype: torch.dtype | None) -> str
 
 
 def resolve_kernel(name: str, device: str, dtype: torch.dtype | None) -> tuple[str, str]:
-    """(kernel, reason) for ``attention=name``; ConfigError for an unknown name or an fa4 that cannot run."""
+    """(kernel, reason) for ``attention=name``; ConfigError for an unknown name or a named kernel that
+    cannot run here (``auto`` falls back to ``sdpa`` instead)."""
     if name not in KERNELS:
         raise ConfigError(f"attention={name!r} is not a kernel; valid: {', '.join(KERNELS)}")
     if name == "sdpa":
@@ -67,14 +89,32 @@ def resolve_kernel(name: str, device: str, dtype: torch.dtype | None) -> tuple[s
             raise ConfigError(f"{why}. Use {alt}")
         pv = "fp8" if name == "int8_fp8" else "16-bit"
         return name, f"attention={name} (8-bit attention: int8 Q.K^T, {pv} P.V; Triton)"
-    why = fa4_unavailable(device, dtype)
-    if name == "fa4":
+    if name in ("fa4", *FA3_FP8):
+        why = (fa4_unavailable if name == "fa4" else fa3_unavailable)(device, dtype)
         if why:
-            raise ConfigError(f"attention=fa4 cannot run: {why}. Use attention=auto or attention=sdpa")
-        return "fa4", "attention=fa4"
-    if why:
-        return "sdpa", f"auto: sdpa ({why})"
-    return "fa4", f"auto: fa4 (FlashAttention-4 on {torch.cuda.get_device_name()})"
+            raise ConfigError(f"attention={name} cannot run: {why}. Use attention=auto or attention=sdpa")
+        detail = {"fa3": " (FlashAttention-3, bf16)",
+                  "fa3_fp8": " (FlashAttention-3 fp8 e4m3, one scale per batch and head)"}.get(name, "")
+        return name, f"attention={name}{detail}"
+    return _auto(device, dtype)
+
+
+def _auto(device: str, dtype: torch.dtype | None) -> tuple[str, str]:
+    if device != "cuda" or not torch.cuda.is_available():
+        return "sdpa", f"auto: sdpa ({fa4_unavailable(device, dtype)})"
+    major, minor = torch.cuda.get_device_capability()
+    dtype_name = str(dtype).replace("torch.", "")
+    order = AUTO_PICKS.get((major, dtype_name), ())
+    skipped = []  # why each faster kernel cannot run
+    for kernel in order:
+        why = _UNAVAILABLE[kernel](device, dtype)
+        if why is None:
+            tried = "".join(f"; {s}" for s in skipped)
+            return kernel, f"auto: {kernel} ({_AUTO_NAMES[kernel]} on {torch.cuda.get_device_name()}{tried})"
+        skipped.append(why)
+    if not order:
+        skipped = [f"no kernel measured faster than sdpa on compute capability {major}.{minor} with {dtype_name}"]
+    return "sdpa", f"auto: sdpa ({'; '.join(skipped)})"
 
 
 # --- the processor ----------------------------------------------------------------------------------
@@ -84,6 +124,8 @@ def _attend(kernel: str, q, k, v):
     """q, k, v: (B, S, H, D) -> (B, S, H, D)."""
     if kernel == "fa4":
         return fa4_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if kernel in FA3_FP8:
+        return fa3_attention(q, k, v, FA3_FP8[kernel])
     if kernel in PV_OF:
         return quantized_attention.attend(q, k, v, PV_OF[kernel])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -121,9 +163,12 @@ class SD3AttnProcessor:
     def __init__(self, kernel: str = "sdpa", joint: bool | None = None):
         if kernel not in KERNELS or kernel == "auto":
             raise ValueError(f"kernel must be one of {', '.join(KERNELS[1:])}, got {kernel!r}")
-        self.kernel = kernel
         # one op for projections + attention + output projections, no copies (sd3plugin.joint_attention);
-        # with FA4, which reads Q/K/V as strided views. On other kernels only for tests (it runs SDPA).
+        # it calls FA4, which reads Q/K/V as strided views (SDPA on CPU: with kernel="sdpa" for tests only).
+        if joint and kernel not in ("fa4", "sdpa"):
+            raise ValueError(f"joint=True runs FlashAttention-4 (the joint-attention op); kernel {kernel!r} "
+                             "takes the ordinary path")
+        self.kernel = kernel
         self.joint = kernel == "fa4" if joint is None else joint
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):

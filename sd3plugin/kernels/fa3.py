@@ -1,0 +1,103 @@
+"""FlashAttention-3's forward (package ``fa3-fwd``: FA3 on torch's stable ABI, sm_90a, CUDA 13; bf16 and fp8
+e4m3 kernels, no fp16): the custom op ``sd3plugin::fa3_attention`` that torch.compile and CUDA graphs see as
+one opaque call, its per-head fp8 quantization, a torch simulation of both, and why it cannot run.
+
+- ``attention=fa3``: the bf16 kernel; an fp16 model's Q/K/V are converted to bf16 in the op and the output
+  back to fp16.
+- ``attention=fa3_fp8``: Q, K and V quantized to e4m3 in the op, one scale per (batch, head): ``descale =
+  amax / 448`` over that head's tokens and channels, so each head uses e4m3's whole range whatever the
+  others' magnitude; FA3 multiplies the descales back in (Q.K^T by q x k, P.V by v). The kernel returns bf16,
+  cast to the model's dtype. An fp16 model is quantized from fp16 directly. Quantization: opt-in.
+
+On CPU (tests) the op runs ``reference_attention``, the same quantization simulated in torch, so the
+processor's wiring and the scaling logic are tested without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+FA3_INSTALL = 'pip install ".[fa3]" from a checkout (fa3-fwd)'
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+_MIN_AMAX = 1e-12  # an all-zero head: scale stays finite, its values quantize to 0
+
+
+@functools.lru_cache(maxsize=1)
+def _fa3_func():
+    from fa3_fwd_interface import flash_attn_func
+
+    return flash_attn_func
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) tensor -> (e4m3 tensor (B, S, H, D) contiguous, descale (B, H) float32), with
+    ``x ~= x8 * descale[:, None, :, None]``; each (batch, head)'s largest |value| maps to 448. Two passes
+    over ``x``: one reduction, one multiply that computes in float32 and stores e4m3."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=(1, 3), dtype=torch.float32)
+    descale = amax.clamp(min=_MIN_AMAX) / FP8_MAX
+    x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    torch.mul(x, descale.reciprocal()[:, None, :, None], out=x8)
+    return x8, descale
+
+
+def dequantize(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """``quantize_per_head``'s inverse, in float32."""
+    return x8.float() * descale[:, None, :, None]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """What ``fa3_attention`` computes, simulated with torch ops on any device: Q/K/V quantized per (batch,
+    head) and dequantized (``fp8``) or rounded to bf16, then float32 SDPA; output in q's dtype. The fp8
+    kernel also rounds the softmax probabilities P to e4m3 before P.V, which this leaves out."""
+    if fp8:
+        qf, kf, vf = (dequantize(*quantize_per_head(t)) for t in (q, k, v))
+    else:
+        qf, kf, vf = (t.to(torch.bfloat16).float() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# The schema is spelled out: with postponed annotations (this module's __future__ import) torch 2.4, the
+# nexfort stack, cannot infer it from the signature.
+@torch.library.custom_op("sd3plugin::fa3_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, bool fp8) -> Tensor")
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """Non-causal attention over (batch, seq, heads, head_dim) fp16/bf16 tensors, softmax scale
+    1/sqrt(head_dim), output in q's dtype: FA3's bf16 kernel, or (``fp8``) its e4m3 kernel on Q/K/V
+    quantized per (batch, head)."""
+    if fp8:
+        (q8, qd), (k8, kd), (v8, vd) = (quantize_per_head(t) for t in (q, k, v))
+        out = _fa3_func()(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
+    else:
+        out = _fa3_func()(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(q.dtype)
+
+
+@fa3_attention.register_fake
+def _(q, k, v, fp8):
+    return q.new_empty(q.shape)  # FA3 writes a contiguous (B, S, H, D) output
+
+
+@fa3_attention.register_kernel("cpu")
+def _(q, k, v, fp8):
+    return reference_attention(q, k, v, fp8)
+
+
+def fa3_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
+    """Why FA3 (``attention=fa3`` / ``fa3_fp8``) cannot run here (None if it can)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return "FA3 needs a CUDA GPU (this run is on CPU)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return (f"FA3 (fa3-fwd) is built for compute capability 9.0 only (sm_90a: H100 / H200 / H20); "
+                f"{torch.cuda.get_device_name()} is {major}.{minor}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"FA3 takes float16/bfloat16 models, the transformer is {str(dtype).replace('torch.', '')}"
+    try:
+        _fa3_func()
+    except Exception as exc:  # ImportError, or a wheel built for another CUDA / torch
+        return f"fa3-fwd does not import ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); {FA3_INSTALL}"
+    return None
