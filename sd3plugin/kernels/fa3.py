@@ -19,6 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .availability import gpu_kernel_unavailable
+
 FA3_INSTALL = 'pip install ".[fa3]" from a checkout (fa3-fwd)'
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 _MIN_AMAX = 1e-12  # an all-zero head: scale stays finite, its values quantize to 0
@@ -88,16 +90,6 @@ def _(q, k, v, fp8):
 
 def fa3_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
     """Why FA3 (``attention=fa3`` / ``fa3_fp8``) cannot run here (None if it can)."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return "FA3 needs a CUDA GPU (this run is on CPU)"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) != (9, 0):
-        return (f"FA3 (fa3-fwd) is built for compute capability 9.0 only (sm_90a: H100 / H200 / H20); "
-                f"{torch.cuda.get_device_name()} is {major}.{minor}")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return f"FA3 takes float16/bfloat16 models, the transformer is {str(dtype).replace('torch.', '')}"
-    try:
-        _fa3_func()
-    except Exception as exc:  # ImportError, or a wheel built for another CUDA / torch
-        return f"fa3-fwd does not import ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); {FA3_INSTALL}"
-    return None
+    return gpu_kernel_unavailable("FA3", device, dtype, lambda major, minor: (major, minor) == (9, 0),
+                                  "compute capability 9.0 (fa3-fwd is built for sm_90a: H100 / H200 / H20)",
+                                  _fa3_func, "fa3-fwd", FA3_INSTALL)

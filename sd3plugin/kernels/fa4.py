@@ -9,6 +9,7 @@ import torch
 
 from ..compat import flash_attn as facompat
 from . import fa4_prewarm
+from .availability import gpu_kernel_unavailable
 
 FA4_INSTALL = 'pip install ".[fa4]" from a checkout (flash-attn-4 and nvidia-cutlass-dsl)'
 
@@ -48,18 +49,8 @@ def fa4_cache_flags(path: str) -> dict[str, object]:
 
 def fa4_unavailable(device: str, dtype: torch.dtype | None) -> str | None:
     """Why FA4 cannot run here (None if it can)."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return "FA4 needs a CUDA GPU (this run is on CPU)"
-    major, minor = torch.cuda.get_device_capability()
-    if major not in (9, 10):
-        return (f"FA4 needs compute capability 9.x or 10.x (Hopper/Blackwell); "
-                f"{torch.cuda.get_device_name()} is {major}.{minor}")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return f"FA4 runs float16/bfloat16 only, the transformer is {str(dtype).replace('torch.', '')}"
-    try:
-        _fa4_func()
-    except Exception as exc:  # ImportError, or a broken cutlass-dsl install
-        return f"flash-attn-4 does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {FA4_INSTALL}"
-    return None
+    return gpu_kernel_unavailable("FA4", device, dtype, lambda major, minor: major in (9, 10),
+                                  "compute capability 9.x or 10.x (Hopper/Blackwell)", _fa4_func, "flash-attn-4",
+                                  FA4_INSTALL)
 
 
