@@ -35,6 +35,17 @@ __all__ = ["main", "BenchConfig", "split_bench_overrides", "parse_variants", "re
            "check_shared_dtype", "run_bench", "add_ratios", "StepEvents", "variant_command_overrides"]
 
 
+def bench_help() -> str:
+    from ...config.help import cli_help
+    from .options import bench_key_rows
+
+    return cli_help("sd3plugin-bench", "Measure eager and configured variants of a Stable Diffusion 3 pipeline "
+                    "side by side (it/s, end-to-end time, peak memory, warm-up with compilation and from a shipped "
+                    "cache, error against eager). bench.md, bench.json and bench.png go to output_dir (by "
+                    "default outputs/DATE/TIME); the command ends by naming it.",
+                    extra=[("benchmark keys (bench.KEY=VALUE)", bench_key_rows())], bench=True)
+
+
 def _task_factory(bench: BenchConfig):
     def task(cfg) -> None:
         from ...config import validate
@@ -60,4 +71,4 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    run_hydra(_task_factory(bench), rest, bench=True)
+    run_hydra(_task_factory(bench), rest, bench=True, help_text=bench_help)

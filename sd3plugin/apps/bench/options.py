@@ -48,6 +48,34 @@ class BenchConfig:
 
 BENCH_KEYS = tuple(BenchConfig.__dataclass_fields__)
 
+# One line per key, for --help (tests check that every key has one).
+BENCH_KEY_DOCS = {
+    "variants": "override sets compared with eager: 'LABEL=k=v k=v; k=v ...' or a list / mapping",
+    "eager": "measure the eager baseline first (the ratios need it)",
+    "warmup": "warm-up calls before timing (the first one compiles)",
+    "repeat": "timed full pipeline calls (E2E median; it/s over all their steps)",
+    "multiple_resolutions": "also time the first call at every shape of bench.resolutions",
+    "resolutions": "sizes of the multiple-resolution pass, used for height and width",
+    "square_only": "only (r, r) shapes instead of every (height, width) pair",
+    "resolution_steps": "denoising steps of each per-shape call (null: steps)",
+    "cache_warmup": "first image from a shipped cache (sd3plugin-cache warm/pack/install/verify, fresh processes)",
+    "cold_process": "also the cold first image in a fresh process with an empty cache",
+    "fresh_cache": "compile each variant into an empty cache dir (true cold numbers)",
+    "keep_caches": "keep those cache dirs under output_dir/caches",
+    "quality": "error of latents and images against eager",
+    "chart": "bench.png (needs matplotlib)",
+    "subprocess_timeout": "seconds a fresh process may take",
+}
+
+
+def bench_key_rows() -> list[tuple[str, str]]:
+    """(bench.KEY, one line with its default) for --help."""
+    import json
+
+    defaults = BenchConfig()
+    return [(f"bench.{key}", f"{BENCH_KEY_DOCS.get(key, '')} [default: {json.dumps(getattr(defaults, key))}]")
+            for key in BENCH_KEYS]
+
 
 def split_bench_overrides(argv: list[str]) -> tuple[BenchConfig, list[str]]:
     """Take ``bench.*`` overrides out of ``argv``; return the validated BenchConfig and the rest."""

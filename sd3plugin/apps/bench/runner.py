@@ -71,7 +71,7 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
 
 
 def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results) -> dict:
-    from ..run import versions
+    from ..run_report import versions
     from ...pipeline import call_kwargs
 
     kw = call_kwargs(cfg)
