@@ -104,7 +104,7 @@ def host_needs(arch: str, itemsize: int, device: str, building: bool) -> list[tu
     shard = min(max(preset_parameters(arch).values()) * itemsize, SAVE_SHARD_BYTES)  # serialized at once
     needs = []
     if building and device == "cuda":
-        needs.append(("write it to disk", 2 * shard))  # a shard copied from the GPU, then serialized
+        needs.append(("write it to disk", shard))  # a shard is serialized in host memory
     elif building:
         needs += [("build it", build_bytes(arch, itemsize)), ("write it to disk", weights + shard)]
     needs.append(("load it", weights))  # from_pretrained reads into host memory, then moves to the device

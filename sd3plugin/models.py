@@ -318,6 +318,15 @@ def default_resolution(model: str) -> int:
     return t.get("sample_size", 128) * 2 ** (len(v.get("block_out_channels", [0] * 4)) - 1)
 
 
+def _presets_taking(size: int) -> str:
+    """``, or model=sd3-medium (up to 3072)``: the first full-size preset that takes ``size`` pixels."""
+    for name in ARCHITECTURES:
+        multiple, maximum = resolution_rule(name)
+        if not name.startswith("tiny") and size % multiple == 0 and size <= maximum:
+            return f", or model={name} (up to {maximum})"
+    return ""
+
+
 def check_resolution(model: str, height: int | None, width: int | None) -> None:
     rule = resolution_rule(model)
     if rule is None:  # Hub id not in the local cache: diffusers checks at call time
@@ -332,4 +341,5 @@ def check_resolution(model: str, height: int | None, width: int | None) -> None:
                               f"model={model!r}; use {lo or multiple} or {lo + multiple}")
         if maximum and value > maximum:
             raise ConfigError(f"{key}={value} is larger than model={model!r} can take "
-                              f"(pos_embed_max_size allows at most {maximum}); use {maximum} or less")
+                              f"(pos_embed_max_size allows at most {maximum}); use {maximum} or less"
+                              + _presets_taking(value))
