@@ -257,3 +257,14 @@ def test_variant_command_overrides_rebuild_the_config():
     for key in ("attention", "backend", "fuse_qkv", "compile_vae", "negative_prompt", "height", "width"):
         assert again[key] == cfg[key], key
     assert again.quant == cfg.quant and again.mode.spec == cfg.mode.spec
+
+
+def test_bench_names_the_folder_it_wrote(tiny_path, tmp_path, capsys):
+    out = tmp_path / "bench-out"
+    cfg = compose(None, [f"model={tiny_path}", "steps=2", f"output_dir={out}", "device=cpu"])
+    bench = BenchConfig(variants=[], repeat=1, cache_warmup=False, quality=False, chart=False)
+    data = run_bench(cfg, bench)
+    assert [v["label"] for v in data["variants"]] == ["eager"]
+    printed = capsys.readouterr().out
+    assert f"sd3plugin-bench: wrote bench.md, bench.json to {out.resolve()}" in printed
+    assert "(text encoders, 2 steps, VAE decode)" in (out / "bench.md").read_text()
