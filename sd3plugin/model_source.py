@@ -70,6 +70,18 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return f"{type(exc).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")
 
 
+_HUB_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
+
+
+def is_load_error(model: str, exc: BaseException) -> bool:
+    """Whether ``exc`` (raised by a hooked ``from_pretrained``) comes from finding or reading the model, not
+    from optimizing it: the Hub client raised it, or its message names the model."""
+    for e in _chain(exc):
+        if type(e).__module__.startswith(_HUB_MODULES) or str(model) in str(e):
+            return True
+    return False
+
+
 def load_error(model: str, exc: BaseException) -> ModelError:
     """One line for a model that failed to load: what went wrong (from the exception chain) and the fix."""
     names = [type(e).__name__ for e in _chain(exc)]

@@ -16,7 +16,7 @@ from .cache import cache_paths
 from .config.resolve import resolve_device, resolve_dtype
 from .errors import ConfigError
 from .memory_check import check_preset_fits, preset_parameters
-from .model_source import check_model_source, load_error
+from .model_source import check_model_source, is_load_error, load_error
 from .models import default_resolution, save_random_pipeline
 from .progress import BuildProgress
 
@@ -61,6 +61,8 @@ def load_pipeline(cfg, pipeline_class=None):
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:  # no such repo, no network, an incomplete folder
+        if not is_load_error(source, exc):  # raised while the hook optimized the loaded model
+            raise
         raise load_error(source, exc) from exc
     return pipe.to(device)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sd3plugin.errors import ConfigError, ModelError
-from sd3plugin.model_source import check_model_source, load_error
+from sd3plugin.model_source import check_model_source, is_load_error, load_error
 
 
 def run_app(args, cwd, env=None, timeout=300):
@@ -89,6 +89,15 @@ def test_hub_errors_name_the_problem(chain, words):
     assert isinstance(err, ModelError) and "\n" not in str(err)
     for w in words:
         assert w in str(err)
+
+
+def test_only_errors_of_finding_the_model_are_rewritten():
+    assert is_load_error("x/y", OSError("Cannot load model x/y: not cached"))
+    hub = type("HfHubHTTPError", (OSError,), {"__module__": "huggingface_hub.errors"})
+    assert is_load_error("x/y", _chained(hub("404"), OSError("wrapped")))
+    connect = type("ConnectError", (OSError,), {"__module__": "httpx2"})  # the client of huggingface_hub here
+    assert is_load_error("x/y", _chained(connect("dns"), OSError("wrapped")))
+    assert not is_load_error("x/y", ValueError("quantization of to_q failed"))  # the hook optimizing, not loading
 
 
 def test_a_broken_folder_names_the_folder(tiny_path):
