@@ -45,7 +45,9 @@ def versions() -> dict:
 
 
 def _backend(opt: dict) -> str:
-    return f"{opt.get('backend')} ({opt.get('backend_reason')})" if opt.get("backend_reason") else str(opt.get("backend"))
+    """The backend and why it was chosen."""
+    reason = opt.get("backend_reason")
+    return f"{opt.get('backend')} ({reason})" if reason else str(opt.get("backend"))
 
 
 def _link(path: str, out: Path) -> str:
