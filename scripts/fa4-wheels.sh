@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (attention=fa4) for an offline GPU machine with Python 3.12 and torch >= 2.9 (CUDA 13):
-# downloads the wheels `pip install "sd3plugin[fa4]"` would install into DIR (default .fa4whl).
+# downloads the wheels `pip install ".[fa4]"` (from a checkout) would install into DIR (default .fa4whl).
 #
 #   bash scripts/fa4-wheels.sh [DIR]
 #   # on the GPU machine:

@@ -15,3 +15,8 @@ class BackendUnavailableError(SD3PluginError, RuntimeError):
 
 class CompileError(SD3PluginError, RuntimeError):
     """Compilation failed and on_error=raise."""
+
+
+class ModelError(ConfigError):
+    """``model=`` names nothing loadable here (no such folder, no Hub access, too large for this machine);
+    a config mistake: exit code 2 on the command line."""

@@ -6,8 +6,10 @@ speed benchmarks. ``save_random_pipeline(arch, path)`` writes a normal diffusers
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,40 +171,57 @@ def _save_t5_tokenizer(path: Path, max_length: int) -> None:
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
-def build_random_pipeline(arch: str, dtype=None, device: str = "cpu", seed: int = 0):
-    """Build (not save) an SD3 pipeline of the given architecture with random weights."""
-    import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+def component_builders(arch: str) -> dict:
+    """{component name: a function building it with random weights}, in build order (the order the random
+    numbers are drawn in). Each builds on the current default device (``with torch.device(...)``)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     a = architecture(arch)
-    torch.manual_seed(seed)
     tiny = a.name.startswith("tiny")
     bv = _byte_vocab()
     clip_vocab = len(bv) if tiny else 49408  # real vocab sizes keep the parameter counts real
     t5_vocab = len(_t5_vocab()) if tiny else 32128
     ids = dict(bos_token_id=bv[_SPECIAL[0]], eos_token_id=bv[_SPECIAL[1]], pad_token_id=bv[_SPECIAL[1]])
+    return {
+        "transformer": lambda: SD3Transformer2DModel(**a.transformer),
+        "vae": lambda: AutoencoderKL(**a.vae),
+        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=clip_vocab, **ids, **a.clip_l)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=clip_vocab, **ids,
+                                                                             **a.clip_g)),
+        "text_encoder_3": lambda: T5EncoderModel(T5Config(vocab_size=t5_vocab, **a.t5)) if a.t5 else None,
+    }
+
+
+def build_random_pipeline(arch: str, dtype=None, device: str = "cpu", seed: int = 0, progress=None):
+    """Build (not save) an SD3 pipeline of the given architecture with random weights.
+
+    Each component is cast to ``dtype`` as soon as it is built, so at most one component is in float32 at
+    a time. ``progress(name, module)`` is called after each component."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    builders = component_builders(arch)
+    torch.manual_seed(seed)
+    parts = {}
     with torch.device(device):
-        transformer = SD3Transformer2DModel(**a.transformer)
-        vae = AutoencoderKL(**a.vae)
-        te1 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=clip_vocab, **ids, **a.clip_l))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=clip_vocab, **ids, **a.clip_g))
-        te3 = T5EncoderModel(T5Config(vocab_size=t5_vocab, **a.t5)) if a.t5 else None
-    parts = dict(transformer=transformer, vae=vae, text_encoder=te1, text_encoder_2=te2, text_encoder_3=te3)
-    if dtype is not None:
-        for m in parts.values():
-            if m is not None:
-                m.to(dtype)
+        for name, build in builders.items():
+            module = build()
+            if module is not None and dtype is not None:
+                module.to(dtype)
+            parts[name] = module
+            if progress is not None:
+                progress(name, module)
     return parts, FlowMatchEulerDiscreteScheduler(shift=3.0), StableDiffusion3Pipeline
 
 
 def save_random_pipeline(arch: str, path: str | os.PathLike, dtype=None, device: str = "cpu",
-                         seed: int = 0) -> Path:
+                         seed: int = 0, progress=None) -> Path:
     """Write a diffusers folder of architecture ``arch`` with random weights; return its path.
 
     The folder is written next to ``path`` and renamed into place at the end, so an interrupted call
-    never leaves a half-written pipeline behind.
+    never leaves a half-written pipeline behind. ``progress`` (e.g. ``sd3plugin.progress.BuildProgress``)
+    hears ``built(name)`` after each component is drawn, ``writing()`` and ``written(name)`` as each is saved.
     """
     import shutil
     import tempfile
@@ -214,13 +233,18 @@ def save_random_pipeline(arch: str, path: str | os.PathLike, dtype=None, device:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        parts, scheduler, pipe_cls = build_random_pipeline(arch, dtype=dtype, device=device, seed=seed)
+        parts, scheduler, pipe_cls = build_random_pipeline(
+            arch, dtype=dtype, device=device, seed=seed,
+            progress=(lambda name, module: progress.built(name)) if progress is not None else None)
         _save_clip_tokenizer(tmp / "_tok_clip")
         _save_t5_tokenizer(tmp / "_tok_t5", 256)
         tok = CLIPTokenizer.from_pretrained(tmp / "_tok_clip")
         tok3 = T5TokenizerFast.from_pretrained(tmp / "_tok_t5")
         pipe = pipe_cls(scheduler=scheduler, tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok3, **parts)
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        if progress is not None:
+            progress.writing()
+        with _saves_reported(parts, progress.written if progress is not None else None):
+            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
         (tmp / "pipe" / "sd3plugin_arch.json").write_text(
             json.dumps({"arch": a.name, "random_weights": True, "seed": seed}, indent=2))
         if path.exists():
@@ -229,6 +253,31 @@ def save_random_pipeline(arch: str, path: str | os.PathLike, dtype=None, device:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+@contextmanager
+def _saves_reported(parts: dict, written):
+    """Call ``written(name)`` after each component's own ``save_pretrained`` (the pipeline's save calls them
+    one by one); the wrapper keeps the method's signature, which diffusers inspects."""
+    patched = []
+    for name, module in parts.items() if written is not None else ():
+        if module is None:
+            continue
+        original = module.save_pretrained
+
+        @functools.wraps(original)
+        def save(*args, _name=name, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            written(_name)
+            return result
+
+        module.save_pretrained = save
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.save_pretrained
 
 
 def _local_configs(model: str) -> tuple[dict, dict] | None:
@@ -269,6 +318,15 @@ def default_resolution(model: str) -> int:
     return t.get("sample_size", 128) * 2 ** (len(v.get("block_out_channels", [0] * 4)) - 1)
 
 
+def _presets_taking(size: int) -> str:
+    """``, or model=sd3-medium (up to 3072)``: the first full-size preset that takes ``size`` pixels."""
+    for name in ARCHITECTURES:
+        multiple, maximum = resolution_rule(name)
+        if not name.startswith("tiny") and size % multiple == 0 and size <= maximum:
+            return f", or model={name} (up to {maximum})"
+    return ""
+
+
 def check_resolution(model: str, height: int | None, width: int | None) -> None:
     rule = resolution_rule(model)
     if rule is None:  # Hub id not in the local cache: diffusers checks at call time
@@ -283,4 +341,5 @@ def check_resolution(model: str, height: int | None, width: int | None) -> None:
                               f"model={model!r}; use {lo or multiple} or {lo + multiple}")
         if maximum and value > maximum:
             raise ConfigError(f"{key}={value} is larger than model={model!r} can take "
-                              f"(pos_embed_max_size allows at most {maximum}); use {maximum} or less")
+                              f"(pos_embed_max_size allows at most {maximum}); use {maximum} or less"
+                              + _presets_taking(value))

@@ -1,7 +1,8 @@
 """Load the configured pipeline through the hooked ``from_pretrained`` and run it.
 
 ``model`` is an architecture preset (built once with random weights under ``cache_dir/models``), a
-local diffusers folder, or a Hub id (diffusers downloads it; needs network access).
+local diffusers folder, or a Hub id (diffusers downloads it; needs network access): ``model_source``
+checks which, ``memory_check`` whether a preset fits.
 """
 from __future__ import annotations
 
@@ -13,15 +14,22 @@ import torch
 from filelock import FileLock
 
 from .cache import cache_paths
-from .models import ARCHITECTURES, default_resolution, save_random_pipeline
 from .config.resolve import resolve_device, resolve_dtype
+from .errors import ConfigError
+from .memory_check import check_preset_fits, preset_parameters
+from .model_source import check_model_source, is_load_error, load_error
+from .models import default_resolution, save_random_pipeline
+from .progress import BuildProgress
 
 log = logging.getLogger("sd3plugin")
 
 
 def model_path(cfg) -> str:
-    """The folder (or Hub id) to load for ``cfg.model``; random-weight presets are created on first use."""
-    if cfg.model not in ARCHITECTURES:
+    """The folder (or Hub id) to load for ``cfg.model``; random-weight presets are created on first use.
+
+    A folder that is missing or not a diffusers folder, and a preset too large for this machine's free
+    memory, end here with a ModelError (one line; exit code 2 on the command line), before anything loads."""
+    if check_model_source(cfg.model) != "preset":
         return cfg.model
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
@@ -33,10 +41,13 @@ def model_path(cfg) -> str:
         key = _saved_by()
         folder = base if not (base / "model_index.json").is_file() or _saved_by(base) == key else \
             base.with_name(f"{base.name}-{key}")
-        if not (folder / "model_index.json").is_file():
+        building = not (folder / "model_index.json").is_file()
+        check_preset_fits(cfg.model, dtype, device, building=building)
+        if building:
             log.info("sd3plugin: building random-weight %s pipeline in %s", cfg.model, folder)
             # Built on the GPU when there is one: random init of the T5-XXL encoder on CPU takes minutes.
-            save_random_pipeline(cfg.model, folder, dtype=dtype, device=device)
+            with BuildProgress(cfg.model, preset_parameters(cfg.model)) as progress:
+                save_random_pipeline(cfg.model, folder, dtype=dtype, device=device, progress=progress)
             record = folder / "sd3plugin_arch.json"
             meta = json.loads(record.read_text()) if record.is_file() else {}
             record.write_text(json.dumps({**meta, "saved_by": key}, indent=2))
@@ -56,13 +67,24 @@ def _saved_by(folder: Path | None = None) -> str | None:
 
 
 def load_pipeline(cfg, pipeline_class=None):
-    """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device."""
+    """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device.
+
+    What diffusers / huggingface_hub raise for a model that cannot be found or reached becomes one
+    ModelError naming the problem and the fix."""
     from diffusers import StableDiffusion3Pipeline
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     cls = pipeline_class or StableDiffusion3Pipeline
-    pipe = cls.from_pretrained(model_path(cfg), **{dtype_kwarg(): dtype})
+    source = model_path(cfg)
+    try:
+        pipe = cls.from_pretrained(source, **{dtype_kwarg(): dtype})
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:  # no such repo, no network, an incomplete folder
+        if not is_load_error(source, exc):  # raised while the hook optimized the loaded model
+            raise
+        raise load_error(source, exc) from exc
     return pipe.to(device)
 
 

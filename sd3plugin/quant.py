@@ -214,8 +214,8 @@ def _torchao_version() -> str:
     try:
         import torchao
     except ImportError:
-        raise ConfigError("quantization needs torchao; install it with pip install 'sd3plugin[quant]' "
-                          "(or pip install torchao), or use quant=none") from None
+        raise ConfigError("quantization needs torchao; install it with pip install torchao (or pip install "
+                          "'.[quant]' from a checkout of sd3plugin), or use quant=none") from None
     return torchao.__version__
 
 

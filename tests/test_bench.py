@@ -9,9 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sd3plugin.apps.bench import (BenchConfig, StepEvents, add_ratios, parse_variants, resolution_shapes,
-                             run_bench, split_bench_overrides)
-from sd3plugin.apps.bench_report import markdown
+from sd3plugin.apps.bench.options import BenchConfig, parse_variants, resolution_shapes, split_bench_overrides
+from sd3plugin.apps.bench.runner import add_ratios, run_bench
+from sd3plugin.apps.bench.timing import StepEvents
+from sd3plugin.apps.bench.report import markdown
 from sd3plugin.config import compose
 from sd3plugin.errors import ConfigError
 
@@ -74,15 +75,15 @@ def test_legacy_flags_reach_the_bench_config():
 
 
 # -- timing and ratios ---------------------------------------------------------------------------------
-def test_step_events_measure_the_time_between_steps():
-    import time
+def test_step_events_measure_the_time_between_steps(monkeypatch):
+    from sd3plugin.apps.bench import timing
 
+    clock = iter([10.0, 10.02, 10.06])  # a host clock read once per step end
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     ev = StepEvents("cpu")
-    for delay in (0.0, 0.02, 0.04):
-        time.sleep(delay)
+    for _ in range(3):
         ev(None, 0, 0, {})
-    steps = ev.step_seconds()
-    assert len(steps) == 2 and 0.015 < steps[0] < steps[1]
+    assert ev.step_seconds() == pytest.approx([0.02, 0.04])
 
 
 def test_ratios_and_failed_variants_in_the_table():
@@ -99,6 +100,7 @@ def test_ratios_and_failed_variants_in_the_table():
     assert "| `fast` | 15.00 (1.50x) | 1.500 s (-25.0%)" in md
     assert "| `broken` | failed: CompileError: no |" in md
     assert "sd3plugin iteration speed | 15.00 it/s (+50.0%)" in md
+    assert "(text encoders, 2 steps, VAE decode)" in md and "28 steps" not in md  # the real number of steps
 
 
 # -- the whole benchmark on the tiny model -------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_cuda_graph_runner_replays_per_shape_and_matches_plain_calls():
 
 
 def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
-    from sd3plugin.apps import bench as bench_mod
+    from sd3plugin.apps.bench import options as bench_mod
 
     monkeypatch.setattr("sd3plugin.config.quant_presets.preferred_dtype", lambda q: "bfloat16" if q == "int8_dynamic" else None)
     cfg = compose(None, ["model=tiny", "device=cpu"])
@@ -246,7 +248,7 @@ def test_a_variant_needing_another_dtype_is_refused_before_loading(monkeypatch):
 def test_variant_command_overrides_rebuild_the_config():
     """A fresh process (cold start, shipped-cache start) must run exactly the variant: the overrides it is
     given compose back to the same settings, attention kernel and quantization layer selection included."""
-    from sd3plugin.apps.bench import variant_command_overrides
+    from sd3plugin.apps.bench.coldstart import variant_command_overrides
     from sd3plugin.config import compose
 
     cfg = compose(None, ["attention=sdpa", "quant=int8_dynamic", "quant.exclude=[proj_out,'*.ff_context.*']",
@@ -255,3 +257,14 @@ def test_variant_command_overrides_rebuild_the_config():
     for key in ("attention", "backend", "fuse_qkv", "compile_vae", "negative_prompt", "height", "width"):
         assert again[key] == cfg[key], key
     assert again.quant == cfg.quant and again.mode.spec == cfg.mode.spec
+
+
+def test_bench_names_the_folder_it_wrote(tiny_path, tmp_path, capsys):
+    out = tmp_path / "bench-out"
+    cfg = compose(None, [f"model={tiny_path}", "steps=2", f"output_dir={out}", "device=cpu"])
+    bench = BenchConfig(variants=[], repeat=1, cache_warmup=False, quality=False, chart=False)
+    data = run_bench(cfg, bench)
+    assert [v["label"] for v in data["variants"]] == ["eager"]
+    printed = capsys.readouterr().out
+    assert f"sd3plugin-bench: wrote bench.md, bench.json to {out.resolve()}" in printed
+    assert "(text encoders, 2 steps, VAE decode)" in (out / "bench.md").read_text()

@@ -101,7 +101,7 @@ def test_seed_compiler_config_translation():
             "--saved-image", "out/sd3.png", "steps=3"]
     overrides = translate(argv)
     assert overrides == ["mode.spec='max-optimize:max-autotune:low-precision'", "memory_format=channels_last",
-                         "dynamic=true", "height=512", "width=768", "output_dir='out'", "steps=3"]
+                         "dynamic=true", "height=512", "width=768", "image_path='out/sd3.png'", "steps=3"]
     cfg = compose(overrides=overrides + ["model=sd3-medium"])
     assert cfg.dynamic.enabled and cfg.height == 512 and cfg.mode.spec.startswith("max-optimize")
     with pytest.raises(sd3plugin.ConfigError, match="--compiler-config must be a JSON object"):

@@ -21,6 +21,7 @@ EXPECTED_COMPILE_KEYS = {
 EXPECTED_RUN_KEYS = {
     "mode.name", "mode.description", "cache_dir", "on_error", "fa4_prewarm", "keep_coordesc", "prompt",
     "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "num_images", "output_dir",
+    "image_path",
 }
 FIELDS = dict(leaf_fields())
 TABLES = {"quant.type": QUANT_TYPES, "backend": BACKENDS, "model": ("sd3-medium", "a/hub-id")}

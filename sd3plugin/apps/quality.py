@@ -1,7 +1,7 @@
 """Output quality of an optimized pipeline against eager: same prompts, same seeds, compare the results.
 
 ``compare_latents(ref, out)`` -> relative error of the final latents; ``compare_images(ref, out)`` ->
-PSNR and SSIM of the decoded images (SSIM from scikit-image: ``pip install 'sd3plugin[bench]'``);
+PSNR and SSIM of the decoded images (SSIM from scikit-image: ``pip install scikit-image``);
 ``save_grid(ref, out, path)`` writes a PNG with the eager row, the optimized row and their difference.
 With random weights (all that is available here) the numbers measure numerical drift, not image quality
 as people see it: say which weights were used next to every figure (``summary(..., weights=...)``).
@@ -64,8 +64,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     try:
         from skimage.metrics import structural_similarity
     except ImportError:
-        raise ImportError("SSIM needs scikit-image: pip install 'sd3plugin[bench]' (or pip install "
-                          "scikit-image)") from None
+        raise ImportError("SSIM needs scikit-image: pip install scikit-image (or pip install '.[bench]' from "
+                          "a checkout of sd3plugin)") from None
     win = min(7, a.shape[0], a.shape[1])
     win -= 1 - win % 2  # odd
     if win < 3:

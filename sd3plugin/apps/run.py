@@ -6,7 +6,6 @@ errors end with one message and exit code 2, before any model loads.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -61,16 +60,32 @@ def prepare_argv(argv: list[str], bench: bool = False) -> list[str]:
     return normalize_overrides(translate(argv, bench=bench))
 
 
-def run_hydra(task, argv: list[str] | None = None, bench: bool = False) -> None:
-    """Translate/validate ``argv`` then run ``task(cfg)`` as a Hydra app on sd3plugin's config."""
+HELP_FLAGS = ("--help", "-h")
+
+
+def run_help() -> str:
+    from ..config.help import cli_help
+
+    return cli_help("sd3plugin-run", "Generate images with a Stable Diffusion 3 pipeline that sd3plugin compiles. "
+                    "The images, report.md and report.json go to output_dir (by default outputs/DATE/TIME); the "
+                    "command ends with a summary naming them. A config mistake ends with one line and exit code 2, "
+                    "before anything loads.")
+
+
+def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_text=run_help) -> None:
+    """Translate/validate ``argv`` then run ``task(cfg)`` as a Hydra app on sd3plugin's config;
+    ``--help`` prints ``help_text()`` (generated from the schema) instead."""
     import hydra
 
     from ..config import schema
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in HELP_FLAGS for a in argv):
+        print(help_text())
+        return
     try:
         argv = prepare_argv(argv, bench=bench)
-        if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in argv):
+        if not any(a in ("--hydra-help", "--info", "-i") for a in argv):
             prevalidate(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -82,12 +97,14 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False) -> None:
 
 
 def generate(cfg: DictConfig) -> dict:
-    """Load the pipeline through the hook, warm up (compile), generate, write images and the report."""
+    """Load the pipeline through the hook, warm up (compile), generate, write images and the reports."""
     import sd3plugin
 
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
+    from .run_report import image_paths, save_images, summary, versions, write_reports
     from ..config.resolve import resolve_device
     from ..pipeline import call_kwargs, load_pipeline, output_dir, synchronize
+    from ..progress import step_bar
 
     out = output_dir(cfg)
     device = resolve_device(cfg.device)
@@ -97,74 +114,34 @@ def generate(cfg: DictConfig) -> dict:
     load_s = time.perf_counter() - t0
 
     reset_peak_memory(device)
+    step_bar(pipe, "warm-up (the first step compiles)")
     t0 = time.perf_counter()
-    pipe(**call_kwargs(cfg, output_type="latent"))  # warm-up: compiles on first use
+    pipe(**call_kwargs(cfg, output_type="latent"))
     synchronize(device)
     warmup_s = time.perf_counter() - t0
 
     timer = StepTimer(device)
     kwargs = call_kwargs(cfg)
+    step_bar(pipe, "generating")
     timer.start()
     t0 = time.perf_counter()
     images = pipe(**kwargs, callback_on_step_end=timer).images
     synchronize(device)
     e2e_s = time.perf_counter() - t0
 
-    paths = []
-    for i, image in enumerate(images):
-        path = out / f"image_{i:02d}.png"
-        image.save(path)
-        paths.append(str(path))
+    paths = save_images(images, image_paths(len(images), cfg.image_path, out))
     rep = sd3plugin.report(pipe)
     composed = rep.pop("config", OmegaConf.to_container(cfg, resolve=True))
     result = {
-        "images": paths, "device": device, "load_seconds": round(load_s, 3),
+        "images": paths, "output_dir": str(out.resolve()), "device": device, "load_seconds": round(load_s, 3),
         "warmup_seconds": round(warmup_s, 3), "iterations_per_second": round(timer.its, 3),
         "e2e_seconds": round(e2e_s, 3), "peak_memory_gib": round(peak_memory_gib(device), 3),
         "height": kwargs["height"], "width": kwargs["width"], "steps": kwargs["num_inference_steps"],
         "optimization": rep, "config": composed, "versions": versions(),
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "report.md").write_text(report_markdown(result))
-    print(report_markdown(result))
+    write_reports(result, out)
+    print(summary(result, out), flush=True)
     return result
-
-
-def versions() -> dict:
-    import platform
-
-    import diffusers
-    import torch
-
-    import sd3plugin
-
-    info = {"sd3plugin": sd3plugin.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
-def report_markdown(result: dict) -> str:
-    opt = result["optimization"]
-    rows = [
-        ("backend", f"{opt.get('backend')} ({opt.get('backend_reason')})"),
-        ("mode", f"`{opt.get('mode', {}).get('spec')}`"),
-        ("status", opt.get("status")),
-        ("resolution / steps", f"{result['width']}x{result['height']}, {result['steps']} steps"),
-        ("warm-up incl. compile", f"{result['warmup_seconds']:.2f} s"),
-        ("iteration speed", f"{result['iterations_per_second']:.2f} it/s"),
-        ("end-to-end", f"{result['e2e_seconds']:.2f} s"),
-        ("peak memory", f"{result['peak_memory_gib']:.3f} GiB ({'GPU' if result['device'] == 'cuda' else 'CPU RSS'})"),
-        ("device", result["versions"].get("gpu") or result["device"]),
-    ]
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _task(cfg: DictConfig) -> None:

@@ -10,7 +10,6 @@ command lines run unchanged with ``sd3plugin-run`` and ``sd3plugin-bench``.
 from __future__ import annotations
 
 import json
-import os
 
 from ..errors import ConfigError
 
@@ -21,6 +20,19 @@ _SIMPLE = {"--model": "model", "--height": "height", "--width": "width", "--step
 _BENCH = {"--run_multiple_resolutions": "bench.multiple_resolutions", "--warmup-iterations": "bench.warmup"}
 _FLAGS = ("--compiler-config", "--quantize-config", "--quant-submodules-config-path", "--compiler",
           "--saved-image", *_SIMPLE, *_BENCH)
+
+# What each seed flag becomes, for --help: flag -> (value, what it sets).
+FLAG_DOCS: dict[str, tuple[str, str]] = {
+    "--compiler-config": ("JSON", "'{\"mode\": ..., \"memory_format\": ..., \"dynamic\": ...}': mode.spec, "
+                                  "memory_format, dynamic; other keys: +backend_options.KEY"),
+    "--quantize-config": ("JSON", "'{\"quant_type\": \"fp8_e4m3_e4m3_dynamic\"}': quant=PRESET"),
+    "--quant-submodules-config-path": ("FILE", "quant.submodules_config_path=FILE"),
+    "--compiler": ("NAME", "backend=NAME (none: eager, oneflow: inductor)"),
+    "--saved-image": ("PATH", "image_path=PATH: the image is written to exactly PATH"),
+    **{flag: ("VALUE", f"{key}=VALUE") for flag, key in _SIMPLE.items()},
+    "--run_multiple_resolutions": ("0|1", "sd3plugin-bench only: bench.multiple_resolutions"),
+    "--warmup-iterations": ("N", "sd3plugin-bench only: bench.warmup=N"),
+}
 
 
 def _quote(value) -> str:
@@ -84,7 +96,7 @@ def translate(argv: list[str], bench: bool = False) -> list[str]:
         elif flag == "--compiler":
             out.append("backend=" + {"none": "eager", "oneflow": "inductor"}.get(value, value))
         elif flag == "--saved-image":
-            out.append(f"output_dir={_quote(os.path.dirname(value) or '.')}")
+            out.append(f"image_path={_quote(value)}")
         elif flag in _BENCH:
             if bench:
                 out.append(f"{_BENCH[flag]}={value}")

@@ -2,7 +2,8 @@
 
 ``parse_mode("max-optimize:max-autotune:low-precision")`` validates a spec and expands presets (``O2``,
 ``O3``). ``inductor_options(tokens, device)`` turns tokens into torch.compile / inductor settings.
-The same table renders docs/modes.md (``python -m sd3plugin.config.modes``).
+The same table renders docs/modes.md (``python -m sd3plugin.config.modes_table``: a module of its own, which
+nothing imports, so running it does not re-execute a module the package already loaded).
 """
 from __future__ import annotations
 
@@ -130,6 +131,3 @@ def markdown_table() -> str:
         rows.append(f"| `{name}` | preset | expands to `{spec}` | passed to nexfort as `{name}` |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(markdown_table())

@@ -121,6 +121,8 @@ class SD3PluginConfig:
     seed: int = run_field(0)
     num_images: int = run_field(1)
     output_dir: Optional[str] = run_field(None)
+    # The file sd3plugin-run writes the image to (more images: numbered siblings); None: output_dir/image_NN.png.
+    image_path: Optional[str] = run_field(None)
 
 
 def top_level_keys() -> tuple[str, ...]:

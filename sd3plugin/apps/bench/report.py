@@ -103,7 +103,7 @@ def markdown(data: dict) -> str:
         f"Command: `{data['command']}`",
         "",
         "it/s: median over the timed calls' denoising steps (CUDA events); E2E: median full pipeline call "
-        "(text encoders, 28 steps, VAE decode); warm-up (compile): first call into an empty compile cache; "
+        f"(text encoders, {data['steps']} steps, VAE decode); warm-up (compile): first call into an empty compile cache; "
         "warm-up (shipped cache): first image in a fresh process after sd3plugin-cache warm, pack, install into "
         "an empty dir (verify's figures; load time beside it); new graphs: graphs compiled at the first shape.",
         "",
@@ -134,7 +134,8 @@ def draw_chart(data: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("sd3plugin-bench: matplotlib not installed, no chart (pip install sd3plugin[bench])")
+        log.warning("sd3plugin-bench: matplotlib not installed, no chart (pip install matplotlib, or "
+                    "pip install '.[bench]' from a checkout)")
         return False
     rows = [r for r in data["variants"] if "error" not in r]
     labels = [r["label"] for r in rows]

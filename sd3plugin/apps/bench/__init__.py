@@ -1,0 +1,74 @@
+"""``sd3plugin-bench``: eager against one or more configured variants, in one process, on the same inputs.
+
+    sd3plugin-bench model=sd3-medium "bench.variants='mode=default; fp8=mode=max-autotune quant=fp8_e4m3_e4m3_dynamic'"
+    sd3plugin-bench model=sd3-medium --compiler-config '{"mode": "max-optimize", "dynamic": true}' \
+        --run_multiple_resolutions 1
+
+Each variant is a set of overrides on top of the command line's config (``"LABEL=overrides"`` names it:
+``'fp8=quant=fp8_e4m3_e4m3_dynamic mode=max-autotune'``; a plain ``mode=default`` is its own label). For
+every variant it measures iteration speed (CUDA events between denoising steps, median), end-to-end time of
+a full pipeline call (median of ``bench.repeat`` calls), peak memory, warm-up with compilation (first call,
+fresh compile cache), warm-up from the cache that compile left (a fresh process), the error against eager
+(latents and images) and, with ``bench.multiple_resolutions``, the first-call time and the number of new
+graphs compiled at every shape. Results: ``bench.json``, ``bench.md`` and ``bench.png`` in output_dir.
+
+``bench.*`` keys are the benchmark's own (see ``BenchConfig``); they are taken out of the command line
+before Hydra composes the plugin config.
+
+Modules: ``options`` (BenchConfig, argument parsing, the variant grammar), ``timing`` (step events, timed
+calls), ``variants`` (one variant measured, the resolution sweep), ``coldstart`` (first images in fresh
+processes), ``quality`` (error against eager), ``runner`` (the whole benchmark), ``report`` (bench.md/.json/.png).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from ...errors import ConfigError
+from .coldstart import variant_command_overrides
+from .options import (COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes,
+                      split_bench_overrides)
+from .runner import add_ratios, run_bench
+from .timing import StepEvents
+
+__all__ = ["main", "BenchConfig", "split_bench_overrides", "parse_variants", "resolution_shapes",
+           "check_shared_dtype", "run_bench", "add_ratios", "StepEvents", "variant_command_overrides"]
+
+
+def bench_help() -> str:
+    from ...config.help import cli_help
+    from .options import bench_key_rows
+
+    return cli_help("sd3plugin-bench", "Measure eager and configured variants of a Stable Diffusion 3 pipeline "
+                    "side by side (it/s, end-to-end time, peak memory, warm-up with compilation and from a shipped "
+                    "cache, error against eager). bench.md, bench.json and bench.png go to output_dir (by "
+                    "default outputs/DATE/TIME); the command ends by naming it.",
+                    extra=[("benchmark keys (bench.KEY=VALUE)", bench_key_rows())], bench=True)
+
+
+def _task_factory(bench: BenchConfig):
+    def task(cfg) -> None:
+        from ...config import validate
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("sd3plugin").setLevel(logging.INFO)
+        try:
+            validate(cfg)
+            run_bench(cfg, bench)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..run import prepare_argv, run_hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    COMMAND_LINE[:] = argv
+    try:
+        bench, rest = split_bench_overrides(prepare_argv(argv, bench=True))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    run_hydra(_task_factory(bench), rest, bench=True, help_text=bench_help)
