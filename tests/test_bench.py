@@ -117,6 +117,7 @@ def tiny_bench(tiny_path, cache_dir, tmp_path_factory):
     return data, out
 
 
+@pytest.mark.slow
 def test_bench_writes_the_table_json_and_chart(tiny_bench):
     data, out = tiny_bench
     assert [v["label"] for v in data["variants"]] == ["eager", "static", "dyn"]
@@ -169,6 +170,7 @@ def test_bench_config_round_trips_into_json(tiny_bench):
     assert data["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_shipped_cache(tiny_path, tmp_path):
     """bench.cache_warmup runs sd3plugin-cache warm, pack, install and verify in fresh processes: the
     installed cache serves the first image without compiling."""

@@ -63,6 +63,7 @@ def test_dynamic_resolutions_do_not_recompile_per_shape(tiny_path, cache_dir, ea
         assert _rel_err(out, eager_latents[shape]) < RTOL
 
 
+@pytest.mark.slow
 def test_static_shapes_do_recompile(tiny_path, cache_dir):
     """The counter above is meaningful: with dynamic=false every new resolution compiles again."""
     torch._dynamo.reset()
@@ -163,6 +164,7 @@ def test_optimize_rejects_non_sd3():
         sd3plugin.optimize(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
     """SD3.5 transformers (RMS qk-norm, dual attention) compile regionally too, with fused Q/K/V (our
     processor applies the q/k norm after the split; diffusers' fused processor would drop it);
