@@ -32,3 +32,10 @@ def plain_call(module: torch.nn.Module, *args, **kwargs):
 def addmm_gelu_tanh(bias: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """``gelu(bias + x @ weight_t, approximate="tanh")`` in cuBLASLt's epilogue (CUDA)."""
     return torch._addmm_activation(bias, x, weight_t, use_gelu=True)
+
+
+def reset_dynamo() -> None:
+    """Forget every compiled graph of this process (``torch._dynamo.reset``)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()

@@ -35,9 +35,9 @@ class StepEvents:
 
 def compiled_graphs() -> int:
     """Graphs Dynamo has compiled in this process so far (new shapes that recompile add to it)."""
-    from torch._dynamo.utils import counters
+    from ...compat.torch import graph_count
 
-    return int(counters["stats"]["unique_graphs"])
+    return graph_count()
 
 
 def synchronize(device: str) -> None:

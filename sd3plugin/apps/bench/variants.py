@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ...compat import torch as tcompat
+
 from .coldstart import process_first_image, shipped_cache_start
 from .options import BenchConfig, label_slug, resolution_shapes
 from .quality import quality_figures
@@ -42,7 +44,7 @@ def run_variant(label: str, cfg, bench: BenchConfig, base_pipe, master, device: 
     from ..metrics import peak_memory_gib, reset_peak_memory
     from ...pipeline import call_kwargs
 
-    torch._dynamo.reset()
+    tcompat.reset_dynamo()
     sd3plugin.disable()  # restore global flags of the previous variant
     _free_memory(device)
     result: dict = {"label": label}
