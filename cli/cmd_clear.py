@@ -1,7 +1,7 @@
 """``sd3plugin-cache clear``: remove every compile cache of the cache dir (asks, or --yes)."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, cache_root, confirm, emit
+from .common import add_common, cache_root, confirm, emit
 
 
 def add_parser(sub):

@@ -1,7 +1,7 @@
 """``sd3plugin-cache verify [OVERRIDES]``: prove the warm start (fresh process, zero compilations)."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, compose_args, emit
+from .common import add_common, compose_args, emit
 
 
 def add_parser(sub):
@@ -20,8 +20,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     from sd3plugin.cache.errors import NothingCompiledError
-    from sd3plugin.cache.verify import default_shape, select_entry, verify
-    from sd3plugin.cache.warmup import parse_resolutions
+    from sd3plugin.apps.verify import default_shape, select_entry, verify
+    from sd3plugin.apps.warm import parse_resolutions
     from sd3plugin.cli.exit_codes import EXIT
 
     cfg = compose_args(args)

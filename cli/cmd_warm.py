@@ -1,7 +1,7 @@
 """``sd3plugin-cache warm [OVERRIDES] --resolutions WxH,... --batch-sizes 1,2``: compile ahead of time."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, compose_args, emit
+from .common import add_common, compose_args, emit
 
 
 def add_parser(sub):
@@ -20,7 +20,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from sd3plugin.cache.warmup import check_warmable, parse_batch_sizes, parse_resolutions, plan_shapes, warm
+    from sd3plugin.apps.warm import check_warmable, parse_batch_sizes, parse_resolutions, plan_shapes, warm
     from sd3plugin.errors import ConfigError
 
     if args.steps < 1:

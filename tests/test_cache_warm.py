@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from sd3plugin.cache import activate
+from sd3plugin.transforms.settings import activate
 from sd3plugin.cli.cache import main
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 from ..config import parse_mode
 from ..errors import ConfigError
-from . import megacache, store
-from .errors import CacheError
-from .lock import DEFAULT_TIMEOUT_S, cache_lock
-from .manifest import compile_config, environment, fingerprint
-from .megacache import compile_counters, compiled_between, save_artifacts
+from ..cache import megacache, store
+from ..cache.errors import CacheError
+from ..cache.lock import DEFAULT_TIMEOUT_S, cache_lock
+from ..cache.manifest import compile_config, environment, fingerprint
+from ..cache.megacache import compile_counters, compiled_between, save_artifacts
 
 log = logging.getLogger("sd3plugin")
 
