@@ -49,7 +49,9 @@ def run(args) -> int:
 
 
 def summary(result: dict, cold: bool, code: int) -> str:
-    """verify's one-line text output."""
+    """verify's text output: the verdict line, then where the start-up time went."""
+    from sd3plugin.startup import summary_line
+
     s = result["shape"]
     text = (f"{'COLD' if cold else 'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
             f"time to first image {result['time_to_first_image_seconds']:.2f} s (import "
@@ -61,9 +63,14 @@ def summary(result: dict, cold: bool, code: int) -> str:
         text += f"; attention {att['kernel']}"
         if isinstance(att.get("prewarm"), dict) and att["prewarm"].get("state"):
             text += f" (FA4 prewarm: {att['prewarm']['state']})"
+    pre = result.get("precompiled") or {}
+    if pre:
+        text += (f"; precompiled blocks {'used' if pre.get('used') else 'not used'}"
+                 + (f" ({pre['reason']})" if pre.get("reason") else ""))
     if result.get("coordesc_tuning_benchmarks"):
         why = ("the cached configs are not reused: SD3PLUGIN_KEEP_COORDESC=0" if not result.get("keep_coordesc")
                else "kernels whose tuned config the cache did not hold")
         text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
                  f"tuning ran again ({why}; a mode without max-optimize avoids them)")
-    return text
+    line = summary_line(result.get("startup") or {})
+    return text + ("\n" + line if line else "")

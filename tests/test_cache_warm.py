@@ -112,11 +112,18 @@ def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(ship
     # Warmed with the preset, verified with the model folder: same architecture, same cache entry.
     code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", f"model={model_folder}", *RUN)
     assert code == 0, text
+    text = __import__("sd3plugin.cli.cmd_verify", fromlist=["x"]).summary(data, cold=False, code=0)
     assert data["fresh_compilations"] == 0 and data["fxgraph_cache_miss"] == 0
     assert data["fxgraph_cache_hit"] > 0 and data["cache"]["installed_archive"]
     if MEGACACHE:
         assert data["autograd_cache_hit"] > 0 and data["cache"]["megacache_loaded"]
     assert data["first_image_seconds"] < cold_seconds, (data["first_image_seconds"], cold_seconds)
+    startup = data["startup"]  # where the time went (docs/cache.md, start-up breakdown)
+    assert "torch" in [r["module"] for r in startup["imports"]["top"]]
+    assert startup["load"]["components"]["transformer"] > 0
+    assert startup["first_call"]["graphs_compiled"] >= 0 and startup["first_call"]["inductor_compile_seconds"] >= 0
+    assert set(startup["first_image"]) == {"text_encoding_seconds", "denoising_seconds", "vae_seconds"}
+    assert "start-up: imports" in text
 
 
 @needs_megacache

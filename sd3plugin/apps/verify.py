@@ -2,7 +2,9 @@
 
 The parent starts ``python -m sd3plugin.apps.verify`` so nothing compiled in the calling process can
 help; the child loads the configured pipeline with the cache, makes one image and reports time to
-first image, fresh compilations (inductor FX-graph cache misses and bypasses) and cache hits.
+first image, fresh compilations (inductor FX-graph cache misses and bypasses), cache hits and where the
+time went (``startup``: the child runs under ``python -X importtime`` for the heaviest imports; the rest
+is ``report(pipe)["startup"]``, see ``sd3plugin.startup``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..cache.errors import CacheError, CacheNotFoundError, NothingCompiledError  # noqa: E402
+from ..startup import parse_importtime  # noqa: E402
 
 MARK = "sd3plugin_verify="
 
@@ -68,7 +71,7 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
                "steps": steps, "cold": cold}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "sd3plugin.apps.verify", json.dumps(payload)],
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sd3plugin.apps.verify", json.dumps(payload)],
                               capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     except subprocess.TimeoutExpired:
         raise CacheError(f"the verify process did not finish within --timeout {timeout:g} s") from None
@@ -79,6 +82,7 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
         raise CacheError(f"the verify process failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(line[len(MARK):])
     result["process_seconds"] = round(wall, 3)
+    result.setdefault("startup", {})["imports"] = parse_importtime(proc.stderr or "")
     result["fingerprint"] = entry["fingerprint"] if entry else None
     result["cold"] = cold
     result["ok"] = (cold or result["fresh_compilations"] == 0) and result["status"] == "compiled"
@@ -155,7 +159,8 @@ def _child(payload: dict) -> dict:
             "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
             "status": rep.get("status"), "error": rep.get("error"), "backend": rep.get("backend"),
             "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"),
-            "keep_coordesc": rep.get("keep_coordesc", False), "attention": rep.get("attention"), **counters}
+            "keep_coordesc": rep.get("keep_coordesc", False), "attention": rep.get("attention"),
+            "precompiled": rep.get("precompiled"), "startup": rep.get("startup", {}), **counters}
 
 
 def _write_profile(profiler, path: str) -> None:

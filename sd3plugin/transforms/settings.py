@@ -55,9 +55,10 @@ def apply(run: Run) -> Handle:
             info = activate(plan.cache_dir, keep_coordesc=getattr(plan.cfg, "keep_coordesc", True)
                             if plan.cfg is not None else True)
             run.report.update(info)
+            run.report.setdefault("startup", {})["cache"] = {"megacache_seconds": info["cache"]["load_seconds"]}
         for path, value in torch_flags(plan.tokens, plan.device).items():
             GLOBAL_SETTINGS.set_flag(path, value)
         for name in ("dynamo.recompile_limit", "dynamo.cache_size_limit"):
             GLOBAL_SETTINGS.set_flag(name, max(plan.recompile_limit, 8))
-    run.report.setdefault("startup", {})["settings_seconds"] = round(time.perf_counter() - started, 3)
+    run.report.setdefault("startup", {})["settings_seconds"] = round(time.perf_counter() - started, 3)  # caches too
     return Handle(NAME, lambda: GLOBAL_SETTINGS.revert(changes), {})
