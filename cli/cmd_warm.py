@@ -33,6 +33,13 @@ def run(args) -> int:
     lines = [f"warmed {result['fingerprint']} in {result['cache_dir']} ({result['backend']}, mode "
              f"{result['mode']!r}): {result['blob_bytes']} bytes of Mega-Cache ("
              + ", ".join(f"{v} {k}" for k, v in result["artifacts"].items()) + ")"]
+    pre = result.get("precompiled") or {}
+    if pre.get("reason"):
+        lines.append(f"  precompiled blocks: none ({pre['reason']})")
+    elif pre:
+        lines.append(f"  precompiled blocks: {pre['built']} built in {pre['seconds']:.1f} s, {pre['kept']} kept, "
+                     f"{pre['artefacts']} in the entry "
+                     f"({pre['size_bytes']} bytes)" + "".join(f"\n    not precompiled: {e}" for e in pre["errors"]))
     for s in result["shapes"]:
         lines.append(f"  {s['width']}x{s['height']} batch {s['batch_size']}: {s['seconds']:.1f} s, "
                      f"{s['fresh_compilations']} compiled, {s['fxgraph_cache_hit']} from cache")
