@@ -115,7 +115,7 @@ class PrecompiledBlock:
             return
         _RECORDING["keys"].add(key)
         _RECORDING["samples"].append({"block": self.block, "args": args, "kwargs": dict(kwargs), "key": key,
-                                      "inputs": described, "grad": torch.is_grad_enabled(),
+                                      "inputs": described, "grad": torch.is_grad_enabled(), "structure": self.structure,
                                       "block_class": type(self.block).__qualname__})
 
 
@@ -202,7 +202,7 @@ def build(samples: list, options: dict, dynamic: bool, keep_keys: set) -> tuple[
             except Exception as exc:
                 errors.append(f"{s['block_class']} {s['inputs']['kwargs']}: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
-        record = {"kind": "transformer_block", "block_class": s["block_class"], "key": s["key"],
+        record = {"kind": "transformer_block", "block_class": s["block_class"], "structure": s["structure"], "key": s["key"],
                   "inputs": s["inputs"], "dynamic": bool(dynamic), "api": pc.api()}
         built.append((record, data, compiled))
     return [(r, d) for r, d, _ in built], errors
