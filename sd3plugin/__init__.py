@@ -12,6 +12,8 @@ loaded at their first use (module ``__getattr__``), so a process pays only for w
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from .errors import BackendUnavailableError, CompileError, ConfigError, SD3PluginError
 
@@ -36,3 +38,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``sd3plugin.optimize`` makes Python set the package attribute ``optimize`` to
+    that module; the API name stays the function (as it was when ``__init__`` imported it eagerly)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

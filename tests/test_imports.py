@@ -56,6 +56,9 @@ def test_the_api_is_still_there_at_first_use():
                               "sd3plugin.report.__module__, 'optimize' in dir(sd3plugin))")
     assert out.split() == ["True", "sd3plugin.optimize", "True"]
     assert "torch" in modules  # now it is loaded: the first use pays for it
+    # importing the submodule sd3plugin.optimize first must not hide the function of the same name
+    _, out = importtime("import sd3plugin.pipeline, sd3plugin.optimize, sd3plugin; print(type(sd3plugin.optimize).__name__)")
+    assert out.split() == ["function"]
     with pytest.raises(AttributeError):
         __import__("sd3plugin").no_such_function
 
