@@ -112,3 +112,11 @@ def test_guard_filter_drops_what_cannot_be_serialized_and_globals():
                E(is_global=False, guard_type="CONSTANT_MATCH", derived_guard_types=("ID_MATCH",)),
                E(is_global=False, guard_type="EQUALS_MATCH", derived_guard_types=("EQUALS_MATCH",))]
     assert pc.guard_filter(entries) == [True, False, False, False, True]
+
+
+@needs_precompile
+def test_the_source_checksum_is_the_one_dynamo_records():
+    import diffusers.models.attention as module
+    from torch._dynamo.package import _hash_sourcelines
+
+    assert pc.source_checksum(module, 10, 40) == _hash_sourcelines(module, 10, 40)

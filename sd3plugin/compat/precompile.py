@@ -22,6 +22,7 @@ module structure and attribute values, grad mode and the other global state stay
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
 from typing import Any, Callable
@@ -83,10 +84,6 @@ def check() -> list[str]:
         CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES  # noqa: B018
     except (ImportError, AttributeError) as exc:
         problems.append(f"Dynamo's guard serialization API changed ({exc})")
-    try:
-        from torch._dynamo.package import _hash_sourcelines  # noqa: F401
-    except ImportError as exc:
-        problems.append(f"torch._dynamo.package._hash_sourcelines is missing ({exc})")
     return problems
 
 
@@ -164,16 +161,21 @@ def call(compiled, args: tuple, kwargs: dict) -> Any:
     return fn(*args, **kwargs) if fn is not None else compiled(*args, **kwargs)
 
 
+def source_checksum(module, firstlineno: int, lastlineno: int) -> str:
+    """The checksum Dynamo records for lines ``firstlineno`` to ``lastlineno`` (exclusive) of ``module``
+    (``torch._dynamo.package._hash_sourcelines``: sha256 of the lines' text), computed here."""
+    lines = inspect.getsourcelines(module)[0][firstlineno - 1:lastlineno - 1]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def source_changes(compiled) -> list[str]:
     """Functions Dynamo inlined into ``compiled`` whose source is not the same here any more."""
-    from torch._dynamo.package import _hash_sourcelines
-
     changed = []
-    info = compiled._artifacts.source_info
-    for src in sorted(info.inlined_sources, key=lambda s: (s.module, s.firstlineno)):
+    info = getattr(compiled._artifacts, "source_info", None)
+    for src in sorted(getattr(info, "inlined_sources", ()), key=lambda s: (s.module, s.firstlineno)):
         try:
             module = importlib.import_module(src.module)
-            same = _hash_sourcelines(module, src.firstlineno, src.lastlineno) == src.checksum
+            same = source_checksum(module, src.firstlineno, src.lastlineno) == src.checksum
         except Exception:  # module gone, source not readable
             same = False
         if not same:
