@@ -41,6 +41,8 @@ def test_dynamic_shapes_need_one_artefact_per_block_structure_for_every_resoluti
             assert len(accepting) == 1  # exactly the artefact of its structure
             got = pc.call(accepting[0], full, s["kwargs"])
             want = s["block"](*s["args"], **s["kwargs"])  # the ordinary compiled block
-            for g, w in zip(got, want):
-                assert ((g - w).abs().max() / w.abs().max()).item() < 1e-4
+            for g, w in zip(got, want):  # (context, image); the last block has no context output
+                assert (g is None) == (w is None)
+                if w is not None:
+                    assert ((g - w).abs().max() / w.abs().max()).item() < 1e-4
     sd3plugin.undo(pipe)
