@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sd3plugin.cache.cliutil import add_common, cache_root, confirm, emit
+from .common import add_common, cache_root, confirm, emit
 
 
 def add_parser(sub):

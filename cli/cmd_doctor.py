@@ -47,6 +47,9 @@ def render(rep: dict) -> str:
         "on": "yes (SD3PLUGIN_KEEP_COORDESC=0 turns it off)",
         "off": "no (SD3PLUGIN_KEEP_COORDESC=0): kernels are tuned again in every process",
     }.get(cache["keep_coordesc"], "torch's own caching (this torch has no CachingAutotuner.recheck_autotune_cache)"))
+    if "precompile" in cache:
+        pre = cache["precompile"]
+        lines.append(f"  precompiled transformer blocks: {'yes' if pre['supported'] else 'no'} ({pre['reason']})")
     misplaced = rep["nexfort_layout"]["misplaced"]
     if misplaced:
         lines.append(f"nexfort layout: {len(misplaced)} extension module(s) missing (onediff#1189): "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd3plugin.cache.cliutil import add_common, cache_root, emit
+from .common import add_common, cache_root, emit
 
 
 def add_parser(sub):

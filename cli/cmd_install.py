@@ -2,7 +2,7 @@
 atomically."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, cache_root, emit
+from .common import add_common, cache_root, emit
 
 
 def add_parser(sub):

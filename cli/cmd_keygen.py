@@ -1,7 +1,7 @@
 """``sd3plugin-cache keygen -o KEY``: an Ed25519 key pair for signed archives (KEY and KEY.pub)."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, emit
+from .common import add_common, emit
 
 
 def add_parser(sub):

@@ -1,7 +1,7 @@
 """``sd3plugin-cache ls``: the cache entries in the cache dir, their shapes, sizes and compatibility."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, cache_root, emit
+from .common import add_common, cache_root, emit
 
 
 def add_parser(sub):

@@ -1,7 +1,7 @@
 """``sd3plugin-cache pack -o ARCHIVE [--sign KEY]``: one zstd-compressed archive with a manifest."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, cache_root, emit
+from .common import add_common, cache_root, emit
 
 
 def add_parser(sub):

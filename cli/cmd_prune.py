@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from sd3plugin.cache.cliutil import add_common, cache_root, confirm, emit
+from .common import add_common, cache_root, confirm, emit
 
 
 def add_parser(sub):

@@ -1,7 +1,7 @@
 """``sd3plugin-cache verify [OVERRIDES]``: prove the warm start (fresh process, zero compilations)."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, compose_args, emit
+from .common import add_common, compose_args, emit
 
 
 def add_parser(sub):
@@ -20,8 +20,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     from sd3plugin.cache.errors import NothingCompiledError
-    from sd3plugin.cache.verify import default_shape, select_entry, verify
-    from sd3plugin.cache.warmup import parse_resolutions
+    from sd3plugin.apps.verify import default_shape, select_entry, verify
+    from sd3plugin.apps.warm import parse_resolutions
     from sd3plugin.cli.exit_codes import EXIT
 
     cfg = compose_args(args)
@@ -55,7 +55,9 @@ def run(args) -> int:
 
 
 def summary(result: dict, cold: bool, code: int) -> str:
-    """verify's one-line text output."""
+    """verify's text output: the verdict line, then where the start-up time went."""
+    from sd3plugin.startup import summary_line
+
     s = result["shape"]
     text = (f"{'COLD' if cold else 'OK' if code == 0 else 'COMPILED'}: {s['width']}x{s['height']} batch {s['batch_size']}, "
             f"time to first image {result['time_to_first_image_seconds']:.2f} s (import "
@@ -70,9 +72,14 @@ def summary(result: dict, cold: bool, code: int) -> str:
     if result.get("repaired"):
         text += (f"; {len(result['repaired'])} damaged cache file(s) removed and rebuilt: "
                  + ", ".join(f"{r['file']} ({r['problem']})" for r in result["repaired"][:5]))
+    pre = result.get("precompiled") or {}
+    if pre:
+        text += (f"; precompiled blocks {'used' if pre.get('used') else 'not used'}"
+                 + (f" ({pre['reason']})" if pre.get("reason") else ""))
     if result.get("coordesc_tuning_benchmarks"):
         why = ("the cached configs are not reused: SD3PLUGIN_KEEP_COORDESC=0" if not result.get("keep_coordesc")
                else "kernels whose tuned config the cache did not hold")
         text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
                  f"tuning ran again ({why}; a mode without max-optimize avoids them)")
-    return text
+    line = summary_line(result.get("startup") or {})
+    return text + ("\n" + line if line else "")

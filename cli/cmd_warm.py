@@ -1,7 +1,7 @@
 """``sd3plugin-cache warm [OVERRIDES] --resolutions WxH,... --batch-sizes 1,2``: compile ahead of time."""
 from __future__ import annotations
 
-from sd3plugin.cache.cliutil import add_common, compose_args, emit
+from .common import add_common, compose_args, emit
 
 
 def add_parser(sub):
@@ -20,7 +20,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from sd3plugin.cache.warmup import check_warmable, parse_batch_sizes, parse_resolutions, plan_shapes, warm
+    from sd3plugin.apps.warm import check_warmable, parse_batch_sizes, parse_resolutions, plan_shapes, warm
     from sd3plugin.errors import ConfigError
 
     if args.steps < 1:
@@ -33,6 +33,13 @@ def run(args) -> int:
     lines = [f"warmed {result['fingerprint']} in {result['cache_dir']} ({result['backend']}, mode "
              f"{result['mode']!r}): {result['blob_bytes']} bytes of Mega-Cache ("
              + ", ".join(f"{v} {k}" for k, v in result["artifacts"].items()) + ")"]
+    pre = result.get("precompiled") or {}
+    if pre.get("reason"):
+        lines.append(f"  precompiled blocks: none ({pre['reason']})")
+    elif pre:
+        lines.append(f"  precompiled blocks: {pre['built']} built in {pre['seconds']:.1f} s, {pre['kept']} kept, "
+                     f"{pre['artefacts']} in the entry "
+                     f"({pre['size_bytes']} bytes)" + "".join(f"\n    not precompiled: {e}" for e in pre["errors"]))
     for s in result["shapes"]:
         lines.append(f"  {s['width']}x{s['height']} batch {s['batch_size']}: {s['seconds']:.1f} s, "
                      f"{s['fresh_compilations']} compiled, {s['fxgraph_cache_hit']} from cache")

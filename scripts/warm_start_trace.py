@@ -59,7 +59,7 @@ def main() -> None:
                            "seconds": round(time.perf_counter() - t0, 4)})
     triton.compile = compile_
 
-    from sd3plugin.cache.verify import _child
+    from sd3plugin.apps.verify import _child
 
     cache_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("cache_dir=")), None)
     payload = {"overrides": overrides, "cache_dir": cache_dir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import time
 from typing import Iterable
 
 from .config import compose
@@ -54,15 +55,21 @@ class Hook:
 
         @functools.wraps(original)
         def from_pretrained(cls, *args, **kwargs):
+            from .compat.diffusers import timed_component_loads
+
             token = _in_pipeline_load.set(True)
+            started = time.perf_counter()
             try:
-                pipe = original(cls, *args, **kwargs)
+                with timed_component_loads() as components:
+                    pipe = original(cls, *args, **kwargs)
             finally:
                 _in_pipeline_load.reset(token)
-            from .optimize import is_sd3_pipeline, optimize
+            loaded = time.perf_counter() - started
+            from .optimize import is_sd3_pipeline, optimize, record_startup
 
             if is_sd3_pipeline(pipe) and not _in_pipeline_load.get():
                 optimize(pipe, hook.cfg)
+                record_startup(pipe, "load", {"seconds": round(loaded, 3), "components": dict(components)})
             return pipe
         from_pretrained.__sd3plugin_hook__ = True
         return from_pretrained

@@ -23,7 +23,8 @@ from .errors import ConfigError
 from .global_settings import GLOBAL_SETTINGS
 from .plan import Plan, make_plan
 from .transforms import attention, backend, compile, fuse_qkv, gelu, lora, memory_format, quantize, settings
-from .transforms.base import Run
+from .startup import FirstImageTimer
+from .transforms.base import Handle, Run
 
 log = logging.getLogger("sd3plugin")
 REPORT_ATTR = "_sd3plugin_report"
@@ -47,6 +48,7 @@ def _new_report(cfg, plan: Plan) -> dict:
         "memory_format": plan.memory_format, "dynamic": plan.dynamic, "device": plan.device,
         "quant": {"type": plan.quant_type, "modules": []}, "compiled_modules": [], "fused_qkv": False,
         "fused_gelu": 0, "attention": {"kernel": "diffusers", "reason": "backend=eager keeps diffusers' processors"},
+        "precompiled": {"used": False, "reason": "nothing is compiled (backend eager)"}, "startup": {},
         "error": None, "on_error": plan.on_error, "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -79,6 +81,9 @@ def _apply(run: Run) -> None:
         h = compile.apply_vae(run)
         if h is not None:
             keep(h)
+    if run.target is not run.transformer:  # text encoding, denoising and VAE of the first image
+        timer = FirstImageTimer(run.target, run.report.setdefault("startup", {}))
+        keep(Handle("startup_timer", timer.remove, {}))
 
 
 def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
@@ -103,6 +108,7 @@ def optimize(pipe_or_transformer, cfg=None, overrides: Iterable[str] = ()):
             h.remove()
         raise
     run.report["setup_seconds"] = round(time.perf_counter() - started, 3)
+    run.report.setdefault("startup", {})["setup_seconds"] = run.report["setup_seconds"]
     run.report["transforms"] = [h.name for h in run.handles]
     run.report["global_settings"] = GLOBAL_SETTINGS.changed()
     setattr(transformer, HANDLES_ATTR, run.handles)
@@ -118,6 +124,19 @@ def _attach(target, transformer, report: dict) -> None:
 
 def _transformer_of(obj):
     return obj if is_sd3_transformer(obj) else getattr(obj, "transformer", None)
+
+
+def record_startup(pipe_or_transformer, key: str, value) -> None:
+    """Add ``value`` as ``report(pipe)["startup"][key]`` (merged into a dict already there): loading is
+    timed outside ``optimize()``."""
+    transformer = _transformer_of(pipe_or_transformer)
+    rep = getattr(transformer, REPORT_ATTR, None) if transformer is not None else None
+    if rep is not None:
+        startup = rep.setdefault("startup", {})
+        if isinstance(value, dict) and isinstance(startup.get(key), dict):
+            startup[key].update(value)
+        else:
+            startup[key] = value
 
 
 def report(pipe_or_transformer) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from .models import default_resolution, save_random_pipeline
 from .progress import BuildProgress
 
 log = logging.getLogger("sd3plugin")
+DIRECT_LOAD_ENV = "SD3PLUGIN_DIRECT_LOAD"  # =0: load on the CPU, then .to("cuda") (the old way, to compare)
 
 
 def model_path(cfg) -> str:
@@ -70,22 +73,42 @@ def load_pipeline(cfg, pipeline_class=None):
     """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device.
 
     What diffusers / huggingface_hub raise for a model that cannot be found or reached becomes one
-    ModelError naming the problem and the fix."""
+    ModelError naming the problem and the fix.
+
+    On a GPU the weights go straight to it (``device_map="cuda"``: each component's safetensors are read
+    into GPU memory, no CPU copy of the pipeline first); on the CPU as before. ``.to(device)`` then only
+    moves what has no weights file (nothing, for diffusers folders); its time is
+    ``report(pipe)["startup"]["load"]["to_device_seconds"]``.
+    """
     from diffusers import StableDiffusion3Pipeline
+
+    from .optimize import record_startup
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     cls = pipeline_class or StableDiffusion3Pipeline
+    kwargs = {dtype_kwarg(): dtype, **direct_load_kwargs(device)}
     source = model_path(cfg)
     try:
-        pipe = cls.from_pretrained(source, **{dtype_kwarg(): dtype})
+        pipe = cls.from_pretrained(source, **kwargs)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:  # no such repo, no network, an incomplete folder
         if not is_load_error(source, exc):  # raised while the hook optimized the loaded model
             raise
         raise load_error(source, exc) from exc
-    return pipe.to(device)
+    started = time.perf_counter()
+    pipe = pipe.to(device)
+    record_startup(pipe, "load", {"to_device_seconds": round(time.perf_counter() - started, 3),
+                                  "device_map": kwargs.get("device_map")})
+    return pipe
+
+
+def direct_load_kwargs(device: str) -> dict:
+    """``from_pretrained`` arguments that load the weights straight onto ``device`` (CUDA only)."""
+    if device != "cuda" or os.environ.get(DIRECT_LOAD_ENV) == "0":
+        return {}
+    return {"device_map": "cuda"}
 
 
 def dtype_kwarg() -> str:

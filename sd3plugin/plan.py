@@ -36,6 +36,7 @@ class Plan:
     quant: Any = None                # the quant config node (type, layer selection)
     on_error: str = "fallback"
     fa4_prewarm: bool = True
+    precompiled: bool = True         # load precompiled transformer blocks (backends/precompiled.py)
     lora_hotswap_rank: int | None = None
     height: int | None = None
     width: int | None = None
@@ -65,5 +66,6 @@ def make_plan(cfg: DictConfig) -> Plan:
         attention=str(cfg.attention), fuse_qkv=bool(cfg.fuse_qkv), fuse_gelu=bool(_get(cfg, "fuse_gelu", True)),
         joint_attention=bool(_get(cfg, "joint_attention", True)), compile_vae=bool(cfg.compile_vae),
         quant=cfg.quant, on_error=str(cfg.on_error), fa4_prewarm=bool(_get(cfg, "fa4_prewarm", True)),
+        precompiled=bool(_get(cfg, "precompiled", True)),
         lora_hotswap_rank=_get(cfg, "lora_hotswap_rank", None), height=cfg.height, width=cfg.width,
         num_images=int(cfg.num_images), cfg_guidance=float(cfg.guidance_scale) > 1, cfg=cfg)

@@ -18,7 +18,8 @@ import pytest
 import zstandard
 from filelock import FileLock
 
-from sd3plugin.cache import activate, store
+from sd3plugin.cache import store
+from sd3plugin.transforms.settings import activate
 from sd3plugin.cache.archive import FORMAT, MANIFEST
 from sd3plugin.cache.manifest import compatibility, environment
 from sd3plugin.cli.cache import main
@@ -408,7 +409,7 @@ def test_verify_without_cache_is_not_found(tmp_path, capsys):
 
 
 def test_verify_exits_5_when_the_fresh_process_compiled(tmp_path, capsys, monkeypatch):
-    from sd3plugin.cache import verify as verify_mod
+    from sd3plugin.apps import verify as verify_mod
     from sd3plugin.config import compose
     from sd3plugin.cache.manifest import fingerprint
 
@@ -456,7 +457,7 @@ def test_fingerprint_follows_the_architecture_not_the_model_name(tiny_path, tmp_
 
 
 def test_shapes_to_warm():
-    from sd3plugin.cache.warmup import parse_batch_sizes, parse_resolutions, plan_shapes
+    from sd3plugin.apps.warm import parse_batch_sizes, parse_resolutions, plan_shapes
     from sd3plugin.config import compose
     from sd3plugin.errors import ConfigError
 

@@ -6,17 +6,21 @@ runs in a fresh process and must compile nothing and make its first image faster
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
-from sd3plugin.cache import activate
+from sd3plugin.transforms.settings import activate
 from sd3plugin.cli.cache import main
+from sd3plugin.compat import precompile
 
 pytestmark = pytest.mark.slow
 RUN = ["steps=2"]
@@ -24,6 +28,8 @@ RUN = ["steps=2"]
 # nexfort stack) ships the inductor folder alone.
 MEGACACHE = hasattr(torch.compiler, "save_cache_artifacts")
 needs_megacache = pytest.mark.skipif(not MEGACACHE, reason="torch without Mega-Cache (< 2.7)")
+PRECOMPILE = precompile.support()[0]  # torch >= 2.10: warm also precompiles the transformer blocks
+needs_precompile = pytest.mark.skipif(not PRECOMPILE, reason=f"no precompile here: {precompile.support()[1]}")
 
 
 def _env():
@@ -94,11 +100,21 @@ def test_two_concurrent_warms_both_succeed_and_the_second_reuses_the_first(warme
     if MEGACACHE:
         blobs = list((root / "entries" / entry["fingerprint"]).glob("*.megacache"))
         assert len(blobs) == 1 and blobs[0].stat().st_size == second["blob_bytes"]
+    if PRECOMPILE:  # SD3's blocks 0..n-2 and the last one (no context output): two artefacts per shape
+        assert first["precompiled"]["built"] == 2 and first["precompiled"]["errors"] == []
+        assert second["precompiled"]["built"] == 2 and second["precompiled"]["artefacts"] == 2  # replaced, not added
+        index = json.loads((root / "entries" / entry["fingerprint"] / "precompiled" / "index.json").read_text())
+        assert len({r["structure"] for r in index["artefacts"]}) == 2
 
 
 def test_pack_manifest_describes_the_warmed_cache(shipped):
     root, packed, installed, _, _ = shipped
     m = packed["manifest"]
+    if PRECOMPILE:  # carried like every file of the entry: listed with size and sha256
+        from sd3plugin.cache.archive import read_manifest
+
+        pre = {k: v for k, v in read_manifest(packed["archive"])["files"].items() if "/precompiled/" in k}
+        assert len(pre) == 3 and all(len(v["sha256"]) == 64 for v in pre.values())
     assert m["fingerprint"] == installed["entries"][0]
     assert m["config"]["model"] == "tiny" and m["config"]["mode"]["spec"]
     assert m["shapes"] == [{"width": 64, "height": 64, "batch_size": 1, "guidance": True}]
@@ -112,11 +128,26 @@ def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(ship
     # Warmed with the preset, verified with the model folder: same architecture, same cache entry.
     code, data, text = _cli(capsys, "verify", "--cache-dir", str(root), "--json", f"model={model_folder}", *RUN)
     assert code == 0, text
+    text = __import__("sd3plugin.cli.cmd_verify", fromlist=["x"]).summary(data, cold=False, code=0)
     assert data["fresh_compilations"] == 0 and data["fxgraph_cache_miss"] == 0
-    assert data["fxgraph_cache_hit"] > 0 and data["cache"]["installed_archive"]
+    assert data["cache"]["installed_archive"]
     if MEGACACHE:
-        assert data["autograd_cache_hit"] > 0 and data["cache"]["megacache_loaded"]
+        assert data["cache"]["megacache_loaded"]
+    if PRECOMPILE:  # the precompiled blocks ran: the inductor cache was not even asked
+        assert data["fxgraph_cache_hit"] == 0 and data["precompiled"]["used"]
+    else:
+        assert data["fxgraph_cache_hit"] > 0 and (not MEGACACHE or data["autograd_cache_hit"] > 0)
     assert data["first_image_seconds"] < cold_seconds, (data["first_image_seconds"], cold_seconds)
+    startup = data["startup"]  # where the time went (docs/cache.md, start-up breakdown)
+    assert "torch" in [r["module"] for r in startup["imports"]["top"]]
+    assert startup["load"]["components"]["transformer"] > 0
+    assert startup["first_call"]["graphs_compiled"] >= 0 and startup["first_call"]["inductor_compile_seconds"] >= 0
+    assert set(startup["first_image"]) == {"text_encoding_seconds", "denoising_seconds", "vae_seconds"}
+    assert "start-up: imports" in text
+    if PRECOMPILE:  # the first call ran the precompiled blocks: nothing traced, nothing compiled
+        assert data["precompiled"]["used"] and data["precompiled"]["hits"] > 0 and data["precompiled"]["misses"] == 0
+        assert startup["first_call"]["graphs_compiled"] == 0 and startup["first_call"]["dynamo_tracing_seconds"] == 0
+        assert "precompiled blocks used" in text
 
 
 @needs_megacache
@@ -154,3 +185,126 @@ def test_verify_text_names_the_attention_kernel_and_why_tuning_ran_again():
     text = summary({**result, "coordesc_tuning_benchmarks": 40, "keep_coordesc": False}, cold=False, code=5)
     assert text.startswith("COMPILED:") and "40 Triton kernel benchmarks" in text
     assert "SD3PLUGIN_KEEP_COORDESC=0" in text
+
+
+# -- precompiled transformer blocks -----------------------------------------------------------------------
+FIRST_IMAGE = textwrap.dedent('''
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    import sd3plugin
+    from sd3plugin.config import compose
+    from sd3plugin.pipeline import load_pipeline
+    cfg = compose(None, json.loads(sys.argv[1]))
+    with sd3plugin.enabled(cfg):
+        pipe = load_pipeline(cfg)
+    latents = pipe(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    torch.save(latents, sys.argv[2])
+    rep = sd3plugin.report(pipe)
+    print(json.dumps({"precompiled": rep["precompiled"], "graphs": int(counters["stats"]["unique_graphs"]),
+                      "fx_miss": int(counters["inductor"]["fxgraph_cache_miss"]), "status": rep["status"]}))
+''')
+
+
+def _first_image(cache, model_folder, out, precompiled: bool) -> dict:
+    env = _env()
+    env["SD3PLUGIN_PRECOMPILED"] = "1" if precompiled else "0"
+    overrides = [f"model={model_folder}", f"cache_dir={cache}", *RUN]
+    proc = subprocess.run([sys.executable, "-c", FIRST_IMAGE, json.dumps(overrides), str(out)], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def installed_copy(shipped, tmp_path):
+    """A copy of the installed cache to damage (2 MB)."""
+    copy = tmp_path / "cache"
+    shutil.copytree(shipped[0], copy)
+    return copy, shipped[4]
+
+
+@needs_precompile
+def test_fresh_processes_give_the_same_image_with_and_without_the_precompiled_blocks(installed_copy, tmp_path):
+    cache, model_folder = installed_copy
+    pre = _first_image(cache, model_folder, tmp_path / "pre.pt", precompiled=True)
+    ind = _first_image(cache, model_folder, tmp_path / "ind.pt", precompiled=False)
+    assert pre["status"] == ind["status"] == "compiled"
+    assert pre["precompiled"]["used"] and pre["precompiled"]["misses"] == 0 and pre["graphs"] == 0
+    assert not ind["precompiled"]["used"] and ind["graphs"] > 0 and ind["fx_miss"] == 0  # traced, cache served
+    a, b = torch.load(tmp_path / "pre.pt"), torch.load(tmp_path / "ind.pt")
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4  # fp32 on CPU: kernel-order noise only
+
+
+def _optimized(cache, model_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    import sd3plugin
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_folder)
+    return sd3plugin.optimize(pipe, overrides=[f"cache_dir={cache}", f"model={model_folder}", *RUN])
+
+
+def _index(cache):
+    (path,) = cache.glob("entries/*/precompiled/index.json")
+    return path, json.loads(path.read_text())
+
+
+@needs_precompile
+@pytest.mark.parametrize("damage", ["other_torch", "truncated", "garbage_with_a_valid_sha256"])
+def test_a_mismatching_or_damaged_artefact_is_reported_and_not_loaded(installed_copy, damage):
+    import sd3plugin
+
+    cache, model_folder = installed_copy
+    path, index = _index(cache)
+    if damage == "other_torch":
+        index["environment"]["torch"] = "2.0.0"
+        path.write_text(json.dumps(index))
+    for record in index["artefacts"]:
+        block = path.parent / record["file"]
+        if damage == "truncated":
+            block.write_bytes(block.read_bytes()[:1000])
+        elif damage == "garbage_with_a_valid_sha256":
+            data = b"not a precompiled function" * 10
+            block.write_bytes(data)
+            record.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if damage == "garbage_with_a_valid_sha256":
+        path.write_text(json.dumps(index))
+    pipe = _optimized(cache, model_folder)
+    pre = sd3plugin.report(pipe)["precompiled"]
+    assert pre["used"] is False and pre["artefacts"] == 0
+    expected = {"other_torch": "torch 2.0.0 (artefacts) vs", "truncated": "sha256 mismatch",
+                "garbage_with_a_valid_sha256": "cannot load it"}[damage]
+    assert expected in pre["reason"], pre["reason"]
+    assert sd3plugin.report(pipe)["status"] == "compiled"  # the inductor path is still there
+    sd3plugin.undo(pipe)
+
+
+@needs_precompile
+def test_one_damaged_artefact_falls_back_for_its_blocks_only_and_warm_rebuilds_it(installed_copy):
+    import sd3plugin
+    from sd3plugin.apps.warm import _store_precompiled
+    from sd3plugin.cache.manifest import environment
+
+    cache, model_folder = installed_copy
+    path, index = _index(cache)
+    damaged, good = index["artefacts"]
+    (path.parent / damaged["file"]).write_bytes(b"")  # truncated to nothing
+    pipe = _optimized(cache, model_folder)
+    pre = sd3plugin.report(pipe)["precompiled"]
+    assert pre["used"] and pre["artefacts"] == 1
+    assert pre["problems"] == [{"file": damaged["file"], "reason": pre["problems"][0]["reason"]}]
+    assert "sha256 mismatch" in pre["problems"][0]["reason"]
+    pipe(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="latent")
+    rep = sd3plugin.report(pipe)
+    assert rep["status"] == "compiled" and rep["precompiled"]["hits"] > 0
+    assert rep["precompiled"]["misses"] > 0 and "no precompiled block accepts" in rep["precompiled"]["miss_reason"]
+    sd3plugin.undo(pipe)
+    # the next warm: the damaged artefact is dropped and its key rebuilt (here: a stand-in for the build)
+    fp = path.parent.parent.name
+    rebuilt = ({k: v for k, v in damaged.items() if k not in ("file", "sha256", "size", "created")}, b"rebuilt")
+    out = _store_precompiled(cache, fp, {"artefacts": [rebuilt], "sampled_keys": [damaged["key"]], "errors": [],
+                                         "api": "x", "seconds": 0.0}, environment())
+    assert out["dropped"] == [damaged["file"]] and out["kept"] == 1 and out["artefacts"] == 2
+    _, after = _index(cache)
+    assert good in after["artefacts"] and not (path.parent / damaged["file"]).exists()

@@ -19,7 +19,7 @@ EXPECTED_COMPILE_KEYS = {
     "lora_hotswap_rank", "device", "dtype",
 }
 EXPECTED_RUN_KEYS = {
-    "mode.name", "mode.description", "cache_dir", "on_error", "fa4_prewarm", "keep_coordesc", "prompt",
+    "mode.name", "mode.description", "cache_dir", "on_error", "fa4_prewarm", "keep_coordesc", "precompiled", "prompt",
     "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "num_images", "output_dir",
     "image_path",
 }

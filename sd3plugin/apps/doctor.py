@@ -46,6 +46,7 @@ def attention_choice(plan) -> dict:
 def report(cfg) -> dict:
     """Everything ``sd3plugin-cache doctor`` shows, as a dict (its --json output)."""
     from ..compat import inductor as coordesc
+    from ..compat import precompile
     from ..plan import make_plan
 
     plan = make_plan(cfg)
@@ -57,7 +58,8 @@ def report(cfg) -> dict:
         "attention": attention_choice(plan),
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
                   "size_bytes": directory_size(cache) if cache.is_dir() else 0,
-                  "keep_coordesc": coordesc.state()},
+                  "keep_coordesc": coordesc.state(),
+                  "precompile": dict(zip(("supported", "reason"), precompile.support()))},
         "nexfort_layout": {"misplaced": [str(m.target) for m in environment.misplaced_nexfort_modules()],
                            "target": environment.codegen_target()},
         "licence_key_set": bool(os.environ.get(environment.LICENCE_ENV)),

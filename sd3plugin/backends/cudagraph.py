@@ -17,6 +17,7 @@ are Python numbers; model offload).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import torch
@@ -41,6 +42,7 @@ class CudaGraphForward:
         self.suspended: str | None = None
         self.invalidated = 0
         self.before = None  # called first at every call (the transformer's guard: weights in sync, LoRA state)
+        self.capture_seconds = 0.0      # spent capturing graphs (warm-up on the side stream included)
 
     def suspend(self, reason: str | None) -> None:
         """Run plain calls (``reason``) or, with None, replay again."""
@@ -120,6 +122,13 @@ class CudaGraphForward:
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
 
     def _capture(self, key, leaves, spec):
+        started = time.perf_counter()
+        try:
+            return self._capture_timed(key, leaves, spec)
+        finally:
+            self.capture_seconds += time.perf_counter() - started
+
+    def _capture_timed(self, key, leaves, spec):
         static_leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         try:
@@ -143,7 +152,8 @@ class CudaGraphForward:
 
     def info(self) -> dict:
         return {"graphs": len(self.graphs), "replays": self.replays, "failed_signatures": len(self.failed),
-                "invalidated": self.invalidated, "suspended": self.suspended}
+                "invalidated": self.invalidated, "suspended": self.suspended,
+                "capture_seconds": round(self.capture_seconds, 3)}
 
 
 def install(module: torch.nn.Module, **kwargs) -> CudaGraphForward:

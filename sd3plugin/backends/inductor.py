@@ -1,7 +1,8 @@
 """The inductor backend: regional torch.compile of the repeated JointTransformerBlocks.
 
 Compiling the 24 identical blocks instead of the whole model gives the same speed with one graph that
-all blocks share (13-18 s instead of 79 s on an H100). ``nn.Module.compile`` works in place, so the state
+all blocks share (13-18 s instead of 79 s on an H100). Where the cache entry holds precompiled blocks for
+this machine, the blocks run those instead and nothing is traced (``precompiled.py``). ``nn.Module.compile`` works in place, so the state
 dict keys stay as they are and ``undo`` restores the module exactly.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 from ..compat import torch as tcompat
 from ..config.modes import inductor_options
-from . import cudagraph, register_backend
+from . import cudagraph, precompiled, register_backend
 from .base import Backend, CompilePlan, transformer_blocks
 
 MIN_TORCH = (2, 3)
@@ -43,10 +44,14 @@ class InductorBackend(Backend):
         if plan.options.get("triton.cudagraphs"):
             opts["triton.cudagraphs"] = True  # asked for explicitly in backend_options: inductor's own
         names = []
-        for i, block in enumerate(transformer_blocks(transformer)):
+        blocks = transformer_blocks(transformer)
+        for i, block in enumerate(blocks):
             block.compile(backend="inductor", options=dict(opts), dynamic=True if plan.dynamic else False)
             names.append(f"transformer_blocks.{i}")
-        info = {"compiled_modules": names, "inductor_options": opts, "strategy": "regional"}
+        # Precompiled artefacts of these blocks (warm built them): run without tracing where they match.
+        artefacts, pre = precompiled.load(plan, transformer)
+        precompiled.install(transformer, blocks, artefacts, pre)
+        info = {"compiled_modules": names, "inductor_options": opts, "strategy": "regional", "precompiled": pre}
         if self.whole_step_graphs(plan):
             cudagraph.install(transformer)
             info["cuda_graphs"] = "whole transformer step, one graph per input shape"

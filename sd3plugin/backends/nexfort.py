@@ -25,6 +25,20 @@ from ..global_settings import GLOBAL_SETTINGS
 from . import register_backend
 from .base import Backend, CompilePlan, transformer_blocks
 
+def activate_nexfort(cache_dir) -> dict:
+    """Point nexfort's caches at ``cache_dir``: its compiled-graph cache (NEXFORT_GRAPH_CACHE=1) lives in
+    TORCHINDUCTOR_CACHE_DIR/compiledgraph, beside inductor's FX-graph cache, so warm/pack/install cover it."""
+    from ..cache import cache_paths
+    from ..compat.inductor import point_cache_at
+
+    inductor_dir = cache_paths(cache_dir)["inductor"]
+    inductor_dir.mkdir(parents=True, exist_ok=True)
+    point_cache_at(inductor_dir)
+    GLOBAL_SETTINGS.set_env("NEXFORT_GRAPH_CACHE", "1")
+    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    return {"nexfort_graph_cache_dir": str(inductor_dir / "compiledgraph")}
+
+
 # Per transformer: the tensors replaced by the memory-format conversion, to put back on undo.
 _SAVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -57,9 +71,7 @@ class NexfortBackend(Backend):
     def compile(self, transformer, plan: CompilePlan) -> dict:
         from onediff.infer_compiler import compile as onediff_compile
 
-        from .. import cache
-
-        info = cache.activate_nexfort(plan.cache_dir)
+        info = activate_nexfort(plan.cache_dir)
         if "freezing" in plan.tokens:
             # nexfort refuses its graph cache with freezing (the frozen weights would be cached).
             GLOBAL_SETTINGS.set_env("NEXFORT_GRAPH_CACHE", "0")

@@ -123,10 +123,11 @@ def _plain(value):
     return str(value) if isinstance(value, Enum) else value
 
 
-def compile_config(cfg) -> dict:
+def compile_config(cfg, arch: dict | None = None) -> dict:
     """The part of a composed config that determines the compiled graphs: every compile key of the schema
     (``config.schema.compile_keys()``), nested as in the config, device and dtype resolved, plus the
-    model's architecture. Run keys (prompt, steps, cache_dir...) are left out."""
+    model's architecture (``arch``: that of a loaded transformer instead of ``cfg.model``'s). Run keys
+    (prompt, steps, cache_dir...) are left out."""
     out: dict = {}
     for key in compile_keys():
         *parents, leaf = key.split(".")
@@ -134,19 +135,19 @@ def compile_config(cfg) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = _plain(OmegaConf.select(cfg, key, default=None))
-    out["architecture"] = architecture(str(cfg.model))
+    out["architecture"] = arch if arch is not None else architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device
     out["dtype"] = str(resolve_dtype(cfg.dtype, device, cfg.quant.type)).split(".")[-1]
     return out
 
 
-def fingerprint(cfg) -> str:
+def fingerprint(cfg, arch: dict | None = None) -> str:
     """Short stable hash of ``compile_config(cfg)``: names the cache entry of one config.
 
     The model's architecture stands for the model when it is known (its name is then left out).
     """
-    data = compile_config(cfg)
+    data = compile_config(cfg, arch)
     if data["architecture"] is not None:
         data.pop("model")
     blob = json.dumps(data, sort_keys=True, default=str).encode()

@@ -2,6 +2,9 @@
 0.30 - 0.42, peft 0.13 - 0.21)."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import torch
 
 # Processors SD3AttnProcessor computes exactly; any other (IP-Adapter, PAG, a user's own) is left in place.
@@ -50,3 +53,32 @@ def clear_hotswap(model) -> None:
 def offload_hooked(model) -> bool:
     """True when accelerate moves ``model`` between devices around its calls (model CPU offload)."""
     return getattr(model, "_hf_hook", None) is not None
+
+
+@contextmanager
+def timed_component_loads():
+    """Seconds each component of a pipeline took to load inside the block: ``{name: seconds}`` (filled as
+    diffusers' ``DiffusionPipeline.from_pretrained`` calls ``load_sub_model`` once per component, private to
+    ``diffusers.pipelines.pipeline_utils``). Empty where diffusers loads differently."""
+    from diffusers.pipelines import pipeline_utils
+
+    times: dict = {}
+    original = getattr(pipeline_utils, "load_sub_model", None)
+    if original is None:
+        yield times
+        return
+
+    def load_sub_model(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            name = kwargs.get("name", f"component_{len(times)}")
+            times[name] = round(times.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    pipeline_utils.load_sub_model = load_sub_model
+    try:
+        yield times
+    finally:
+        if pipeline_utils.load_sub_model is load_sub_model:
+            pipeline_utils.load_sub_model = original

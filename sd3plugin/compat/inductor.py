@@ -116,3 +116,17 @@ def install(force: bool = False) -> bool:
         return current is not None
     GLOBAL_SETTINGS.set_flag(TARGET, _wrap(current))
     return True
+
+
+def point_cache_at(inductor_dir) -> None:
+    """Set TORCHINDUCTOR_CACHE_DIR (recorded in GLOBAL_SETTINGS). torch < 2.5 memoizes paths under the old
+    dir (``cpp_prefix_path``): a change of dir there also clears inductor's in-memory caches, or later C++
+    kernels include a header from a folder that may be gone."""
+    import torch
+
+    changed = os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(inductor_dir)
+    GLOBAL_SETTINGS.set_env("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+    if changed and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        from torch._inductor.utils import clear_inductor_caches
+
+        clear_inductor_caches()

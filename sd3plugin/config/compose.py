@@ -5,6 +5,7 @@ unknown group option, wrong type) become one ``ConfigError`` naming the bad valu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -94,15 +95,48 @@ def normalize_overrides(overrides: Iterable[str]) -> list[str]:
     return out
 
 
+def is_complete(cfg) -> bool:
+    """Whether ``cfg`` (a mapping or DictConfig) needs no composition: every key of the schema is there and
+    every group is given as its keys, not as a preset name (``mode: max-speed`` needs Hydra's defaults)."""
+    if not isinstance(cfg, (Mapping, DictConfig)):
+        return False
+    keys = set(cfg.keys())
+    groups = [f.name for f in dataclasses.fields(schema.SD3PluginConfig) if f.metadata.get("group")]
+    return (set(schema.top_level_keys()) <= keys and keys <= set(schema.top_level_keys()) | {"hydra"}
+            and all(isinstance(cfg[g], (Mapping, DictConfig)) for g in groups)
+            and "spec" in cfg["mode"] and "name" in cfg["mode"])
+
+
+def _typed(cfg) -> DictConfig:
+    """A complete mapping checked against the schema's types, without Hydra (``is_complete``)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+        plain.pop("hydra", None)
+        typed = OmegaConf.merge(OmegaConf.structured(schema.SD3PluginConfig), plain)
+    except Exception as exc:  # omegaconf type/key errors
+        raise ConfigError(_explain(exc, [])) from None
+    OmegaConf.set_struct(typed, True)
+    return typed
+
+
 def compose(cfg: DictConfig | Mapping | str | os.PathLike | None = None,
             overrides: Iterable[str] = ()) -> DictConfig:
-    """Compose the config: defaults, then ``cfg`` (a mapping, DictConfig or YAML path), then overrides."""
-    from hydra import compose as hydra_compose
+    """Compose the config: defaults, then ``cfg`` (a mapping, DictConfig or YAML path), then overrides.
 
+    Hydra composes (and is imported) only when there is something to compose: overrides, preset names or
+    missing keys. A composed config (``report(pipe)["config"]``, a hook's config) is only validated; a
+    complete plain mapping is checked against the schema's types with OmegaConf alone.
+    """
     overrides = normalize_overrides(overrides)
     if isinstance(cfg, DictConfig) and not overrides and "mode" in cfg and "spec" in cfg.get("mode", {}):
         validate(cfg)
         return cfg
+    if not overrides and isinstance(cfg, Mapping) and is_complete(cfg):
+        typed = _typed(cfg)
+        validate(typed)
+        return typed
+    from hydra import compose as hydra_compose
+
     try:
         check_added_keys(overrides)
         with _hydra_context():

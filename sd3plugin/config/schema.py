@@ -111,6 +111,8 @@ class SD3PluginConfig:
     fa4_prewarm: bool = run_field(_env_flag("SD3PLUGIN_FA4_PREWARM"))
     # Reuse cached coordinate-descent tuning results at a warm start.
     keep_coordesc: bool = run_field(_env_flag("SD3PLUGIN_KEEP_COORDESC"))
+    # Run the precompiled transformer blocks of the cache entry when they match (False: Dynamo traces).
+    precompiled: bool = run_field(_env_flag("SD3PLUGIN_PRECOMPILED"))
     # Run settings (sd3plugin-run, sd3plugin-bench, sd3plugin-cache warm/verify).
     prompt: str = run_field("a photo of an astronaut riding a horse on the moon")
     negative_prompt: str = run_field("")

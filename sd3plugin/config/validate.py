@@ -16,7 +16,7 @@ from .quant_presets import check_quant_config
 
 # Boolean keys whose default an environment variable sets (``VAR=0`` turns them off).
 ENV_SWITCHES = {"joint_attention": "SD3PLUGIN_JOINT_ATTENTION", "fa4_prewarm": "SD3PLUGIN_FA4_PREWARM",
-                "keep_coordesc": "SD3PLUGIN_KEEP_COORDESC"}
+                "keep_coordesc": "SD3PLUGIN_KEEP_COORDESC", "precompiled": "SD3PLUGIN_PRECOMPILED"}
 
 
 def choices() -> dict[str, tuple[str, ...]]:

@@ -17,16 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fa4_prewarm
-from .fa4 import _fa4_func
+from .fa4 import call_fa4
 
 
 def _attend(q, k, v):
     """(B, S, H, D) views -> (B, S, H, D) contiguous."""
     if q.device.type == "cuda":
-        fa4_prewarm.wait_pending()
-        out = _fa4_func()(q, k, v)
-        return out[0] if isinstance(out, tuple) else out
+        return call_fa4(q, k, v)
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 

@@ -2,7 +2,7 @@
 cache under ``cache_dir``, FA4's compile started early in a child process (``fa4_prewarm``)."""
 from __future__ import annotations
 
-from .. import cache
+from ..cache import cache_paths
 from ..compat import diffusers as dcompat
 from ..kernels import attention as kernels
 from ..kernels import fa4, fa4_prewarm
@@ -13,7 +13,7 @@ NAME = "attention"
 
 
 def _fa4_dir(plan) -> str:
-    return str(cache.cache_paths(plan.cache_dir)["inductor"] / "fa4")
+    return str(cache_paths(plan.cache_dir)["inductor"] / "fa4")
 
 
 def choose_kernel(run: Run) -> tuple[str, str]:

@@ -4,13 +4,15 @@
 - before each call it keeps what diffusers may have changed since exact: the fused projections
   (``fuse_qkv.FusedProjections.sync``), CUDA graphs suspended while LoRA adapters or model offload are in use;
 - it counts the graphs Dynamo compiles during its calls (``report["compilations"]``, and
-  ``report["recompilations"]`` after the first call);
+  ``report["recompilations"]`` after the first call), splits the first call's time (tracing, inductor,
+  kernel loading, autotuning: ``report["startup"]["first_call"]``) and adds up CUDA-graph capture time;
 - a compile failure at the first call undoes the compilation and the kernels that go with it, runs eagerly
   and reports why (``on_error=fallback``) or raises ``CompileError`` (``on_error=raise``).
 """
 from __future__ import annotations
 
 import logging
+import time
 
 from ..backends import cudagraph
 from ..compat import diffusers as dcompat
@@ -78,8 +80,16 @@ class GuardedForward:
             return fn(self.owner, *args, **kwargs)
         self.before_call()
         before = tcompat.graph_count()
+        first = self.calls == 0 and self.what != "vae"
+        if first:
+            metrics, started = tcompat.compile_metrics(), time.perf_counter()
         try:
-            return fn(self.owner, *args, **kwargs)
+            out = fn(self.owner, *args, **kwargs)
+            if first:
+                self.report.setdefault("startup", {})["first_call"] = {
+                    "seconds": round(time.perf_counter() - started, 3),
+                    **tcompat.compile_breakdown(metrics, tcompat.compile_metrics())}
+            return out
         except Exception as exc:  # compile failures surface at the first call
             self.undo()
             self.active = False
@@ -100,6 +110,20 @@ class GuardedForward:
             if self.calls and self.what != "vae":
                 self.report["recompilations"] = self.report.get("recompilations", 0) + new
             self.calls += 1
+            if self.what != "vae":
+                self._after()
+
+    def _after(self) -> None:
+        """Start-up figures that accrue over the first calls: CUDA-graph capture, FA4's first calls."""
+        startup = self.report.setdefault("startup", {})
+        runner = cudagraph.runner_of(self.owner)
+        if runner is not None and runner.capture_seconds:
+            startup["cuda_graph_capture_seconds"] = round(runner.capture_seconds, 3)
+        if self.report.get("attention", {}).get("kernel") == "fa4":
+            from ..kernels import fa4
+
+            startup["attention_kernel"] = {**fa4.STATS, "prewarm_waited_seconds": (
+                self.report["attention"].get("prewarm") or {}).get("waited_seconds")}
 
     def remove(self) -> None:
         self.undo()
@@ -126,6 +150,9 @@ def apply(run: Run, kernel_handles: list[Handle]) -> Handle | None:
         record_fallback(report, exc, "setup")
         return None
     report.update(info)
+    if "precompiled" not in info:
+        report["precompiled"] = {"used": False, "reason": f"backend={backend.name} has no precompiled blocks"}
+    report["startup"].setdefault("cache", {})["precompiled_seconds"] = report["precompiled"].get("load_seconds", 0.0)
     if not info.get("compiled_modules"):
         return Handle(NAME, undo_compile, {})
     report["status"] = "compiled"

@@ -60,7 +60,9 @@ def shipped_cache_start(cfg, model_folder: str, out: Path, label: str, bench: Be
                             load_seconds=data.get("load_seconds"), import_seconds=data.get("import_seconds"),
                             time_to_first_image_seconds=data.get("time_to_first_image_seconds"),
                             fresh_compilations=data.get("fresh_compilations"),
-                            fxgraph_cache_hit=data.get("fxgraph_cache_hit"))
+                            fxgraph_cache_hit=data.get("fxgraph_cache_hit"),
+                            precompiled_used=bool((data.get("precompiled") or {}).get("used")),
+                            startup=data.get("startup"))
     finally:
         if not bench.keep_caches:
             shutil.rmtree(root, ignore_errors=True)

@@ -5,8 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
-from .lock import DEFAULT_TIMEOUT_S
+from sd3plugin.cache.lock import DEFAULT_TIMEOUT_S
+from sd3plugin.errors import ConfigError
 
 
 def add_common(p, cache_dir: bool = True, lock: bool = False, overrides: bool = True):
@@ -25,7 +25,7 @@ def add_common(p, cache_dir: bool = True, lock: bool = False, overrides: bool = 
 
 def compose_args(args):
     """The composed config of the command's overrides, with ``--cache-dir`` applied."""
-    from ..config import compose
+    from sd3plugin.config import compose
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

@@ -1,8 +1,10 @@
 """``verify``: prove the warm start in a fresh process.
 
-The parent starts ``python -m sd3plugin.cache.verify`` so nothing compiled in the calling process can
+The parent starts ``python -m sd3plugin.apps.verify`` so nothing compiled in the calling process can
 help; the child loads the configured pipeline with the cache, makes one image and reports time to
-first image, fresh compilations (inductor FX-graph cache misses and bypasses) and cache hits.
+first image, fresh compilations (inductor FX-graph cache misses and bypasses), cache hits and where the
+time went (``startup``: the child runs under ``python -X importtime`` for the heaviest imports; the rest
+is ``report(pipe)["startup"]``, see ``sd3plugin.startup``).
 """
 from __future__ import annotations
 
@@ -18,15 +20,16 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .errors import CacheError, CacheNotFoundError, NothingCompiledError  # noqa: E402
+from ..cache.errors import CacheError, CacheNotFoundError, NothingCompiledError  # noqa: E402
+from ..startup import parse_importtime  # noqa: E402
 
 MARK = "sd3plugin_verify="
 
 
 def select_entry(cfg) -> dict:
     """The entry of ``cfg``'s fingerprint in its cache dir; CacheNotFoundError naming what is there."""
-    from . import store
-    from .manifest import fingerprint
+    from ..cache import store
+    from ..cache.manifest import fingerprint
 
     root = Path(cfg.cache_dir).expanduser()
     fp = fingerprint(cfg)
@@ -68,7 +71,7 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
                "steps": steps, "cold": cold}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "sd3plugin.cache.verify", json.dumps(payload)],
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sd3plugin.apps.verify", json.dumps(payload)],
                               capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     except subprocess.TimeoutExpired:
         raise CacheError(f"the verify process did not finish within --timeout {timeout:g} s") from None
@@ -79,6 +82,7 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
         raise CacheError(f"the verify process failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(line[len(MARK):])
     result["process_seconds"] = round(wall, 3)
+    result.setdefault("startup", {})["imports"] = parse_importtime(proc.stderr or "")
     result["fingerprint"] = entry["fingerprint"] if entry else None
     result["cold"] = cold
     result["ok"] = (cold or result["fresh_compilations"] == 0) and result["status"] == "compiled"
@@ -101,7 +105,7 @@ def _child(payload: dict) -> dict:
     from ..config import compose
     from ..config.resolve import resolve_device
     from ..pipeline import call_kwargs, load_pipeline, model_path, synchronize
-    from .megacache import compile_counters
+    from ..cache.megacache import compile_counters
 
     import diffusers  # noqa: F401  (imports are part of the warm start: counted in import_seconds)
     from diffusers import StableDiffusion3Pipeline  # noqa: F401
@@ -155,7 +159,8 @@ def _child(payload: dict) -> dict:
             "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
             "status": rep.get("status"), "error": rep.get("error"), "backend": rep.get("backend"),
             "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"),
-            "keep_coordesc": rep.get("keep_coordesc", False), "attention": rep.get("attention"), **counters}
+            "keep_coordesc": rep.get("keep_coordesc", False), "attention": rep.get("attention"),
+            "precompiled": rep.get("precompiled"), "startup": rep.get("startup", {}), **counters}
 
 
 def _write_profile(profiler, path: str) -> None:

@@ -1,4 +1,6 @@
-"""``warm``: compile what a configured pipeline needs for a list of shapes and store it as a cache entry.
+"""``warm``: compile what a configured pipeline needs for a list of shapes and store it as a cache entry:
+the Mega-Cache blob of the inductor artefacts and, where torch can (``compat/precompile.py``), the
+precompiled transformer blocks (``backends/precompiled.py``) for the block inputs of those calls.
 
 Compiled graphs depend on shapes, dtypes and the config, not on weight values, so the random-weight
 presets (``model=sd3-medium``) warm caches for the real models without downloading them. The one mode
@@ -15,11 +17,13 @@ from omegaconf import OmegaConf
 
 from ..config import parse_mode
 from ..errors import ConfigError
-from . import megacache, store
-from .errors import CacheError
-from .lock import DEFAULT_TIMEOUT_S, cache_lock
-from .manifest import compile_config, environment, fingerprint
-from .megacache import compile_counters, compiled_between, save_artifacts
+from ..backends import precompiled
+from ..cache import megacache, store
+from ..cache import precompiled as precompiled_store
+from ..cache.errors import CacheError
+from ..cache.lock import DEFAULT_TIMEOUT_S, cache_lock
+from ..cache.manifest import compile_config, environment, fingerprint
+from ..cache.megacache import compile_counters, compiled_between, save_artifacts
 
 log = logging.getLogger("sd3plugin")
 
@@ -96,19 +100,38 @@ def warm(cfg, shapes: list[dict], steps: int = 2, lock_timeout: float = DEFAULT_
     started = time.perf_counter()
     with cache_lock(root, lock_timeout, "warm"):
         waited = time.perf_counter() - started
-        per_shape, rep, saved = _compile_shapes(cfg, shapes, steps, progress)
+        per_shape, rep, saved, blocks = _compile_shapes(cfg, shapes, steps, progress)
         # Without Mega-Cache (torch < 2.7: the nexfort stack) the inductor folder alone is the cache.
         if saved is None and megacache.available():
             raise CacheError(f"nothing was compiled for {cfg.model} (backend {rep.get('backend')}: "
                              f"{rep.get('backend_reason')}); nothing to store")
         blob, counts = saved if saved is not None else (None, {})
+        env = environment()
         path = store.add_blob(root, fp, compile_config(cfg), OmegaConf.to_container(cfg, resolve=True),
-                              environment(), shapes, blob, counts, per_shape)
+                              env, shapes, blob, counts, per_shape)
+        pre = _store_precompiled(root, fp, blocks, env)
     return {"ok": True, "cache_dir": str(root), "fingerprint": fp, "entry": str(path.parent),
             "blob": path.name if blob is not None else None, "blob_bytes": len(blob or b""), "artifacts": counts, "shapes": per_shape,
             "lock_wait_seconds": round(waited, 3), "seconds": round(time.perf_counter() - started, 3),
             "backend": rep.get("backend"), "mode": rep.get("mode", {}).get("spec"),
-            "cache": rep.get("cache")}
+            "cache": rep.get("cache"), "precompiled": pre}
+
+
+def _store_precompiled(root: Path, fp: str, blocks: dict, env: dict) -> dict:
+    """Write the blocks precompiled by this run beside the still valid ones of earlier runs (other shapes).
+    Artefacts of the keys this run precompiled are replaced; damaged ones and those of another environment
+    are dropped (``cache.precompiled.usable``): a warm rebuilds what a server could not use."""
+    out = {k: v for k, v in blocks.items() if k not in ("artefacts", "sampled_keys")}
+    if blocks.get("reason"):  # nothing to build (torch without precompile, backend...)
+        return out
+    new = blocks["artefacts"]
+    valid, dropped, _ = precompiled_store.usable(root, fp, env)
+    sampled = set(blocks["sampled_keys"])
+    keep = [record for record, _ in valid if record.get("key") not in sampled]
+    index = precompiled_store.write(root, fp, new, keep, env)
+    out.update(built=len(new), kept=len(keep), dropped=[d["file"] for d in dropped],
+               artefacts=len(index["artefacts"]), size_bytes=sum(r["size"] for r in index["artefacts"]))
+    return out
 
 
 def _compile_shapes(cfg, shapes, steps, progress):
@@ -122,7 +145,7 @@ def _compile_shapes(cfg, shapes, steps, progress):
     device = resolve_device(cfg.device)
     inductor_dir = Path(cfg.cache_dir).expanduser() / store.INDUCTOR
     per_shape = []
-    with sd3plugin.enabled(cfg):  # keeps cache dirs and flags set while compiling
+    with sd3plugin.enabled(cfg), precompiled.recording() as samples:  # cache dirs and flags stay set
         pipe = load_pipeline(cfg)
         rep = sd3plugin.report(pipe)
         if rep.get("status") != "compiled":
@@ -156,5 +179,25 @@ def _compile_shapes(cfg, shapes, steps, progress):
         if rep.get("status") != "compiled":
             raise CacheError(f"compilation failed at the first call ({rep.get('error')}); the pipeline ran "
                              "eagerly, so nothing was cached. Fix the config (see sd3plugin-run) and warm again")
+        blocks = _precompile_blocks(rep, samples)
         saved = save_artifacts()
-    return per_shape, rep, saved
+    return per_shape, rep, saved, blocks
+
+
+def _precompile_blocks(rep: dict, samples: list) -> dict:
+    """Precompile the transformer blocks for the inputs recorded while warming (backends/precompiled.py)."""
+    from ..compat import precompile
+
+    if rep.get("backend") != "inductor":
+        return {"reason": f"backend={rep.get('backend')} has no precompiled blocks"}
+    ok, why = precompile.support()
+    if not ok:
+        return {"reason": why}
+    if not samples:
+        return {"reason": "no transformer block was called"}
+    started = time.perf_counter()
+    built, errors = precompiled.build(samples, rep.get("inductor_options") or {}, bool(rep.get("dynamic")), set())
+    for err in errors:
+        log.warning("sd3plugin: could not precompile a transformer block: %s", err)
+    return {"artefacts": built, "sampled_keys": [s["key"] for s in samples], "errors": errors,
+            "api": precompile.api(), "seconds": round(time.perf_counter() - started, 3)}
