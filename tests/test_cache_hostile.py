@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from sd3plugin.cache import activate, store
+from sd3plugin.cache import store
+from sd3plugin.transforms.settings import activate
 from sd3plugin.cache import archive as archive_mod
 from sd3plugin.cache.archive import FORMAT, MANIFEST
 from sd3plugin.cache.manifest import environment
@@ -734,14 +735,15 @@ def test_not_enough_space_is_refused_before_writing(tmp_path, existing, capsys, 
 # -- warm and install ---------------------------------------------------------------------------------------------
 WARM_CHILD = r"""
 import json, sys
-from sd3plugin.cache import warmup
+from sd3plugin.apps import warm as warmup
 from sd3plugin.config import compose
 root = sys.argv[1]
 def fake_compile(cfg, shapes, steps, progress):
     print("compiling", flush=True)
     sys.stdin.readline()  # until the test says so
     per_shape = [dict(s, seconds=0.1, fresh_compilations=1, fxgraph_cache_hit=0) for s in shapes]
-    return per_shape, {"backend": "inductor", "mode": {"spec": "x"}}, (b"blob warmed here " * 64, {"inductor": 1})
+    return (per_shape, {"backend": "inductor", "mode": {"spec": "x"}}, (b"blob warmed here " * 64, {"inductor": 1}),
+            {"reason": "test: no precompiled blocks"})
 warmup._compile_shapes = fake_compile
 cfg = compose(None, ["model=tiny", "device=cpu", f"cache_dir={root}"])
 r = warmup.warm(cfg, [{"width": 32, "height": 32, "batch_size": 1, "guidance": True}], steps=1,
@@ -937,7 +939,7 @@ def test_damaged_files_are_found_removed_and_reported(tmp_path, existing):
 
 
 def test_verify_reports_damaged_files(tmp_path, capsys, monkeypatch):
-    from sd3plugin.cache import verify as verify_mod
+    from sd3plugin.apps import verify as verify_mod
     from sd3plugin.cache.manifest import fingerprint
     from sd3plugin.config import compose
 
@@ -1030,7 +1032,7 @@ def test_models_saved_by_another_environment_are_not_reused(tmp_path, monkeypatc
 
     built = []
 
-    def fake_save(name, folder, dtype=None, device="cpu"):
+    def fake_save(name, folder, dtype=None, device="cpu", progress=None):
         folder = Path(folder)
         folder.mkdir(parents=True)
         (folder / "model_index.json").write_text("{}")
