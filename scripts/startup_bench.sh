@@ -9,7 +9,8 @@
 #   OUT=/tmp/out bash scripts/startup_bench.sh
 #
 # Environment: OUT (results, default ./startup-out), MODE (default max-speed), MODEL (default sd3-medium),
-# RES (default 1024x1024), STEPS (default 28), SKIP_COLD=1 (no verify --cold), ROOT (work dirs, default /root).
+# RES (default 1024x1024), STEPS (default 28), SKIP_COLD=1 (no verify --cold), QUICK=1 (only the warm start with
+# precompiled blocks, the inductor-cache path and the cold start), ROOT (work dirs, default /root).
 # Disk vs page cache: the model folder is read once by warm (page cache warm afterwards); if
 # /proc/sys/vm/drop_caches is writable, the script also runs one warm start after dropping the page cache
 # (verify_warm_dropped.json); otherwise summary.json says it could not.
@@ -70,11 +71,11 @@ from sd3plugin.config import compose; from sd3plugin.pipeline import model_path
 print(model_path(compose(None, ['model=$MODEL'])))")
 vovs="model=$folder mode=$MODE steps=$STEPS"
 step verify_warm $cache verify --json --cache-dir "$serve" $vovs
-step verify_warm_again $cache verify --json --cache-dir "$serve" $vovs
+[ -n "${QUICK:-}" ] || step verify_warm_again $cache verify --json --cache-dir "$serve" $vovs
 SD3PLUGIN_PRECOMPILED=0 step verify_warm_inductor_path $cache verify --json --cache-dir "$serve" $vovs
-SD3PLUGIN_DIRECT_LOAD=0 step verify_warm_cpu_staging $cache verify --json --cache-dir "$serve" $vovs
+[ -n "${QUICK:-}" ] || SD3PLUGIN_DIRECT_LOAD=0 step verify_warm_cpu_staging $cache verify --json --cache-dir "$serve" $vovs
 dropped=false
-if [ -w /proc/sys/vm/drop_caches ]; then
+if [ -z "${QUICK:-}" ] && [ -w /proc/sys/vm/drop_caches ]; then
   sync && echo 3 > /proc/sys/vm/drop_caches && dropped=true
   step verify_warm_dropped $cache verify --json --cache-dir "$serve" $vovs
 fi
