@@ -50,7 +50,15 @@ def _guard_loads(transformer, quantized: list[str], quant: str):
                               f"({', '.join(hit[:3])}{' ...' if len(hit) > 3 else ''}); load the LoRA before "
                               "optimizing and fuse it (pipe.fuse_lora(); pipe.unload_lora_weights()), or exclude "
                               "those layers with quant.exclude, or use quant=none")
-        return original(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+        runner = cudagraph.runner_of(transformer)
+        if runner is not None:
+            tcompat.clear_compiled_call(transformer)
+        try:
+            return original(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+        finally:
+            if runner is not None:
+                runner.drop()
+                tcompat.set_compiled_call(transformer, runner)
 
     transformer.load_lora_adapter = load_lora_adapter
     return lambda: transformer.__dict__.pop("load_lora_adapter", None)
