@@ -460,8 +460,9 @@ def _run(place: Place, where: str, text: str, env: dict | None = None):
 
 
 def _new(created: set[Path], cwd: Path, pattern: str) -> list[Path]:
-    return [p for p in created if p.is_file() and p.match(str(cwd / pattern))] if any(c in pattern for c in "*?[") \
-        else [cwd / pattern] if (cwd / pattern) in created else []
+    """The created files whose path below ``cwd`` matches ``pattern`` (a glob of as many parts)."""
+    return [p for p in created if p.is_file() and len(p.relative_to(cwd).parts) == len(Path(pattern).parts)
+            and p.relative_to(cwd).match(pattern)]
 
 
 def _show(res) -> str:
@@ -485,9 +486,10 @@ def test_runs_as_written(place, where, text):
     cwd = place.cwd(where)
     for pattern in expect.files:
         assert _new(created, cwd, pattern), f"{pattern} was not written in {cwd}\n{_show(res)}"
-    # the summary names the folder it wrote, and that folder is the documented one
-    for folder in re.findall(rf"^{RUN_SUMMARY} .* to (\S+)$", res.stdout, re.M):
-        assert Path(folder).is_dir() and Path(folder).resolve().is_relative_to(cwd.resolve()), folder
+    # the summary names the folder it wrote: inside the working folder, with both reports
+    for folder in map(Path, re.findall(rf"^{RUN_SUMMARY} .* to (\S+)$", res.stdout, re.M)):
+        assert folder.resolve().is_relative_to(cwd.resolve()), folder
+        assert (folder / "report.md").is_file() and (folder / "report.json").is_file(), folder
 
 
 def _memory_is_short(preset: str, dtype: str, margin_gib: float = 0.5) -> bool:
