@@ -189,8 +189,6 @@ RUN = Runs(files=RUN_OUTPUTS, says=(RUN_SUMMARY,))
 FP8_ON_CPU = Refuses(2, "needs an NVIDIA GPU with compute capability >= 8.9")
 SD3_MEDIUM_TOO_BIG = Refuses(2, "model=sd3-medium (7.7 B parameters in float32) needs about",
                              memory=("sd3-medium", "float32"))
-QUALITY_TRACEBACK = ("python -m sd3plugin.apps.quality sensitivity prints a traceback and exits 1 where the "
-                     "other tools end with one line and exit 2 (reported)")
 
 RUNS: dict[str, Runs] = {
     "sd3plugin-run": RUN,
@@ -241,10 +239,9 @@ REFUSES: dict[str, Refuses] = {
     "--quant-submodules-config-path /path/to/fp8_e4m3_per_tensor.json": Refuses(
         2, "quant.submodules_config_path='/path/to/fp8_e4m3_per_tensor.json' does not exist"),
     "python -m sd3plugin.apps.quality sensitivity --model sd3-medium --quant fp8_e4m3_e4m3_dynamic "
-    "--out fp8_sd3m.json": Refuses(2, "needs an NVIDIA GPU with compute capability >= 8.9",
-                                   known_bug=QUALITY_TRACEBACK),
+    "--out fp8_sd3m.json": Refuses(2, "needs an NVIDIA GPU with compute capability >= 8.9"),
     "python -m sd3plugin.apps.quality sensitivity --model /path/to/sd3-medium-diffusers --quant int8_dynamic "
-    "--out int8.json": Refuses(2, "/path/to/sd3-medium-diffusers", known_bug=QUALITY_TRACEBACK),
+    "--out int8.json": Refuses(2, "/path/to/sd3-medium-diffusers"),
 }
 
 

@@ -8,6 +8,8 @@ as people see it: say which weights were used next to every figure (``summary(..
 """
 from __future__ import annotations
 
+import sys
+
 import math
 import os
 import tempfile
@@ -240,12 +242,9 @@ def random_transformer_inputs(config, height: int, width: int, batch: int = 2, t
 
 
 def main(argv=None) -> int:
-    """``python -m sd3plugin.apps.quality sensitivity``: per-layer quantization error -> seed-form JSON."""
+    """``python -m sd3plugin.apps.quality sensitivity``: per-layer quantization error -> seed-form JSON.
+    Exit 2 with one line for a preset this machine cannot run or a model that cannot be found."""
     import argparse
-    import fnmatch
-    import time
-
-    from diffusers import SD3Transformer2DModel
 
     from ..models import ARCHITECTURES
 
@@ -262,10 +261,28 @@ def main(argv=None) -> int:
     s.add_argument("--layers", nargs="*", default=["*"], help="fnmatch patterns of the layers to measure")
     s.add_argument("--out", required=True, help="JSON file for quant.submodules_config_path")
     args = p.parse_args(argv)
+    from ..errors import ConfigError
 
+    try:
+        return _sensitivity(args)
+    except ConfigError as exc:  # a preset this machine cannot run, a model that is not there: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _sensitivity(args) -> int:
+    import fnmatch
+    import time
+
+    from diffusers import SD3Transformer2DModel
+
+    from ..model_source import check_model_source, is_load_error, load_error
+    from ..models import ARCHITECTURES
+    from ..pipeline import dtype_kwarg
     from ..quant import check_device, linear_modules
 
     check_device(args.quant, args.device)
+    check_model_source(args.model)
     dtype = getattr(torch, args.dtype)
     if args.model in ARCHITECTURES:
         weights = "random"
@@ -275,8 +292,14 @@ def main(argv=None) -> int:
         transformer = transformer.to(dtype).eval()
     else:
         weights = args.model
-        transformer = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer",
-                                                            torch_dtype=dtype).to(args.device).eval()
+        try:
+            transformer = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer",
+                                                                **{dtype_kwarg(): dtype})
+        except (OSError, ValueError) as exc:  # no such repo, no network, an incomplete folder
+            if not is_load_error(args.model, exc):
+                raise
+            raise load_error(args.model, exc) from exc
+        transformer = transformer.to(args.device).eval()
     inputs = random_transformer_inputs(transformer.config, args.height, args.width, device=args.device, dtype=dtype)
     names = [n for n in linear_modules(transformer) if any(fnmatch.fnmatchcase(n, pat) for pat in args.layers)]
     started = time.perf_counter()
