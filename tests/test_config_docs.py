@@ -7,6 +7,7 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd3plugin.config import compose, compile_keys
+from sd3plugin.config.help import format_value
 from sd3plugin.config.presets import GROUPS, group_options
 from sd3plugin.config.schema import leaf_fields
 from sd3plugin.config.validate import ENV_SWITCHES, choices
@@ -43,13 +44,7 @@ def _default(value) -> str:
         value = OmegaConf.to_container(value)
     if isinstance(value, Enum):
         value = value.value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if value == "":
-        return '""'
-    return str(value)
+    return format_value(value)
 
 
 KEYS = dict(leaf_fields())

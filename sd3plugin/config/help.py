@@ -25,7 +25,8 @@ HYDRA_FLAGS = [
 ]
 
 
-def _plain(value) -> str:
+def format_value(value) -> str:
+    """A default as the help and docs/config.md write it (true, null, \"\")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
@@ -44,7 +45,7 @@ def _default(cfg, key: str) -> str:
             value = value.get(part) if isinstance(value, dict) else None
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
-    return _plain(getattr(value, "value", value))
+    return format_value(getattr(value, "value", value))
 
 
 def _row(name: str, text: str) -> str:

@@ -34,6 +34,7 @@ KEY_DOCS: dict[str, str] = {
     "on_error": "fallback (a failed compile keeps eager and says why) | raise",
     "fa4_prewarm": "compile FlashAttention-4's kernel in a child process while compiling",
     "keep_coordesc": "reuse cached coordinate-descent tuning at a warm start",
+    "precompiled": "run the cache entry's precompiled transformer blocks where they match this machine",
     "prompt": "the prompt",
     "negative_prompt": "the negative prompt",
     "height": "image height in pixels (null: the model's default)",
