@@ -296,3 +296,35 @@ def test_a_cuda_graph_runner_consults_the_guard_before_every_call(tiny_path, lor
     _both(plain, opt, lambda p: p.unload_lora_weights())
     _latents(opt)
     assert runner.suspended is None
+
+
+def _ip_adapter_state(t) -> dict:
+    """A random SD3 IP-Adapter in the layout diffusers' loader takes (image projection + one processor a layer)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    torch.manual_seed(7)
+    c = t.config
+    hidden = c.attention_head_dim * c.num_attention_heads
+    procs = {}
+    for i in range(len(t.attn_processors)):
+        p = SD3IPAdapterJointAttnProcessor2_0(hidden_size=hidden, ip_hidden_states_dim=hidden,
+                                              head_dim=c.attention_head_dim, timesteps_emb_dim=64)
+        procs.update({f"{i}.{k}": torch.randn_like(v) * 0.1 for k, v in p.state_dict().items()})
+    proj = IPAdapterTimeImageProjection(embed_dim=16, output_dim=hidden, hidden_dim=64, heads=1, num_queries=4,
+                                        timestep_in_dim=32)
+    return {"image_proj": {k: torch.randn_like(v) * 0.1 for k, v in proj.state_dict().items()}, "ip_adapter": procs}
+
+
+def test_ip_adapter_on_an_optimized_pipeline_matches_diffusers(tiny_path, no_compile):
+    """diffusers' IP-Adapter processors replace sd3plugin's; image embeddings given directly (no image
+    encoder weights here): the same latents as plain diffusers, and the adapter changes them."""
+    plain = _load(tiny_path)
+    opt = sd3plugin.optimize(_load(tiny_path), overrides=["backend=inductor", "device=cpu"])
+    state = _ip_adapter_state(plain.transformer)
+    _both(plain, opt, lambda p: p.transformer._load_ip_adapter_weights(state))  # what load_ip_adapter calls
+    emb = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(ip_adapter_image_embeds=torch.cat([torch.zeros_like(emb), emb]))
+    ref = _latents(plain, **kw)
+    assert _diff(ref, _latents(opt, **kw)) < TOL
+    assert _diff(ref, _latents(_load(tiny_path))) > 100 * TOL
