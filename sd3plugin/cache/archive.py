@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
-from . import signing, store
+from . import precompiled, signing, store
 from .errors import (CacheError, CacheNotFoundError, CacheWriteError, CorruptArchiveError,
                      IncompatibleCacheError)
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
@@ -105,11 +105,16 @@ def pack(root: str | Path, output: str | Path, level: int = 10, lock_timeout: fl
     return result
 
 
+def _entry_file(parts: list[str]) -> bool:
+    """entries/<fingerprint>/<file>, or entries/<fingerprint>/precompiled/<file> (the precompiled blocks)."""
+    return len(parts) == 3 or (len(parts) == 4 and parts[2] == precompiled.FOLDER)
+
+
 def _packable(root: Path, listed: set):
     """Every packable file; files of an entry folder without a readable entry.json are left out."""
     for rel, path in store.iter_files(root):
         parts = rel.split("/")
-        if parts[0] == store.ENTRIES and (len(parts) != 3 or parts[1] not in listed):
+        if parts[0] == store.ENTRIES and (not _entry_file(parts) or parts[1] not in listed):
             continue
         yield rel, path
 
@@ -556,8 +561,9 @@ def parse_manifest(data: bytes, path) -> dict:
         parts = name.split("/")
         if len(parts) < 2:
             raise bad(f"lists {name!r} as a file: it is the folder of the cache archive's {name}/ files")
-        if parts[0] == store.ENTRIES and len(parts) != 3:
-            raise bad(f"lists {name!r}: entry files are entries/<fingerprint>/<file>")
+        if parts[0] == store.ENTRIES and not _entry_file(parts):
+            raise bad(f"lists {name!r}: entry files are entries/<fingerprint>/<file> or "
+                      f"entries/<fingerprint>/{precompiled.FOLDER}/<file>")
     total = sum(f["size"] for f in files.values())
     if manifest.get("total_bytes") != total or type(manifest.get("total_bytes")) is not int:
         raise bad(f"declares total_bytes {manifest.get('total_bytes')!r}, its files sum to {total}")
@@ -910,10 +916,13 @@ def _commit(staging: Path, root: Path, manifest: dict, record: dict) -> tuple[li
         if dst.is_dir() and not dst.is_symlink():
             replaced.append(fp)
             kept += [f"{fp}/{n}" for n in _merge_entry(dst, new / rel, entries[fp])]
-        for p in sorted((new / rel).iterdir()):
-            known = files.get(f"{rel}/{p.name}")
-            records[f"{rel}/{p.name}"] = store.file_record(
-                p, known["sha256"] if known and p.name != store.ENTRY_FILE else None)
+        for p in sorted((new / rel).rglob("*")):  # the entry's files, its precompiled/ folder's too
+            if not p.is_file():
+                continue
+            name = p.relative_to(new / rel).as_posix()
+            known = files.get(f"{rel}/{name}")
+            records[f"{rel}/{name}"] = store.file_record(
+                p, known["sha256"] if known and name != store.ENTRY_FILE else None)
         txn.add(new / rel, rel)
     history = (store.read_json(root / store.INSTALLED) or {}).get("history", [])
     history = history if isinstance(history, list) else []
