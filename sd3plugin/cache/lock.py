@@ -2,7 +2,8 @@
 
 Whoever takes the lock first finishes what an interrupted command left (``store.recover``: an install
 killed while it moved files is rolled back, staging folders and temporary files are removed) and removes
-files damaged in place (``store.check_files`` / ``store.repair``). Readers that do not need the lock
+files damaged, replaced or deleted (``store.check_files`` / ``store.repair``: by content, see
+``cache/checksums.py``). Readers that do not need the lock
 (``activate``, ``ls``, ``verify``) do the same through ``maintain`` when the lock is free.
 """
 from __future__ import annotations
@@ -62,7 +63,9 @@ def _maintain_locked(root: Path, full: bool = False) -> dict:
 
     try:
         recovered = store.recover(root)
-        repaired = store.repair(root, store.check_files(root, full=full))
+        repaired = store.repair(root, store.check_files(root, full=full, update=True))
+        if full:  # files torch wrote since the last record (a server that compiled) get one now
+            store.refresh_checksums(root)
     except OSError as exc:
         raise CacheWriteError(f"cannot repair cache dir {str(root)!r} after an interrupted command: "
                               f"{exc.strerror}; check its permissions and free space") from None
@@ -80,7 +83,8 @@ def maintain(root: str | Path, full: bool = False, timeout: float = 0.0) -> dict
 
     root = Path(root)
     result = {"recovered": [], "repaired": [], "skipped": None}
-    if not root.is_dir() or not ((root / store.CHECKSUMS).exists() or store.leftovers(root)):
+    if not root.is_dir() or not ((root / store.CHECKSUMS).exists() or (root / store.INSTALLED).exists()
+                                 or store.leftovers(root)):
         return result
     lock = FileLock(str(root / LOCK_NAME), timeout=timeout)
     try:

@@ -33,6 +33,7 @@ def load_entries(root: str | Path) -> dict:
     import torch
 
     here = environment()
+    guard = _checksum_guard(Path(root))
     started = time.perf_counter()
     for entry in entries:
         errors, _ = compatibility(entry.get("environment", {}), here, entry.get("config", {}).get("device"))
@@ -51,6 +52,10 @@ def load_entries(root: str | Path) -> dict:
                 data = path.read_bytes()
             except OSError as exc:
                 result["skipped"].append({"blob": str(path), "reason": f"cannot read it: {exc.strerror}"})
+                continue
+            refused = guard(path, data)
+            if refused:  # the bytes about to be loaded, hashed: damage found however the file was changed
+                result["skipped"].append({"blob": str(path), "reason": refused})
                 continue
             with _quiet_torch_cache_log() as failures:
                 try:
@@ -75,6 +80,30 @@ def load_entries(root: str | Path) -> dict:
         log.warning("sd3plugin: %d more compile-cache blobs not loaded (see report(pipe)['cache'])",
                     len(result["skipped"]) - 3)
     return result
+
+
+def _checksum_guard(root: Path):
+    """A check of a blob's bytes against ``checksums.json`` (why it may not be loaded, or None). A cache
+    dir with no checksums.json at all (torch alone, older versions) is not checked; a lost record refuses
+    every blob, a blob without a record or with other content is refused."""
+    import hashlib
+
+    lost = store.lost_record(root)
+    if not lost and not (root / store.CHECKSUMS).exists():
+        return lambda path, data: None
+    records = store.read_checksums(root)
+
+    def check(path: Path, data: bytes) -> str | None:
+        if lost:
+            return f"{lost}: its content cannot be checked (install the archive again or warm)"
+        rec = records.get(path.relative_to(root).as_posix())
+        if not isinstance(rec, dict):
+            return "no checksums record (not installed or warmed here); warm it again"
+        if len(data) != rec.get("size") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+            return "damaged: its content does not match checksums.json (warm it again)"
+        return None
+
+    return check
 
 
 class _quiet_torch_cache_log:

@@ -55,7 +55,14 @@ def usable(root: str | Path, fp: str, here: dict) -> tuple[list[tuple[dict, byte
         return [], [], "precompiled for another environment: " + "; ".join(mismatch)
     ok, bad = [], []
     for record in index.get("artefacts", []):
-        path = folder(root, fp) / record["file"]
+        name = record.get("file") if isinstance(record, dict) else None
+        if not store.safe_name(name) or not name.endswith(SUFFIX):  # read from the cache dir: never a path
+            bad.append({"file": str(name), "reason": "not a file name of the precompiled folder; not read"})
+            continue
+        path = folder(root, fp) / name
+        if path.is_symlink():
+            bad.append({"file": name, "reason": "a link; not read"})
+            continue
         try:
             data = path.read_bytes()
         except OSError as exc:
