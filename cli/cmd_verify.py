@@ -29,6 +29,8 @@ def run(args) -> int:
     from sd3plugin.cache.lock import maintain
 
     upkeep = maintain(cfg.cache_dir, full=True) if not args.cold else {"repaired": [], "recovered": []}
+    if upkeep["repaired"] and not args.cold:
+        _entry_left(cfg, select_entry, upkeep["repaired"])
     shape = None
     if args.resolution or args.batch_size:
         first = default_shape(cfg) if args.cold else dict(select_entry(cfg)["shapes"][0])
@@ -52,6 +54,18 @@ def run(args) -> int:
         text += "\n" + result["error"]
     emit(args, {**result, "exit_code": code}, text)
     return code
+
+
+def _entry_left(cfg, select_entry, repaired: list[dict]) -> None:
+    """The entry to verify still exists, or CacheNotFoundError naming the damage that removed it."""
+    from sd3plugin.cache.errors import CacheNotFoundError
+
+    try:
+        select_entry(cfg)
+    except CacheNotFoundError as exc:
+        found = "; ".join(f"{r['file']}: {r['problem']}" for r in repaired[:5])
+        more = f" and {len(repaired) - 5} more" if len(repaired) > 5 else ""
+        raise CacheNotFoundError(f"{exc} (verify found damaged cache files and removed them: {found}{more})") from None
 
 
 def summary(result: dict, cold: bool, code: int) -> str:

@@ -281,3 +281,22 @@ def test_precompiled_index_never_names_a_file_outside(tmp_path, installed, outsi
     store.write_json(precompiled.folder(copy, FP) / precompiled.INDEX, index)
     ok, bad, _ = precompiled.usable(copy, FP, env)
     assert ok == [] and [b["reason"] for b in bad] == ["not a file name of the precompiled folder; not read"] * 2
+
+
+def test_links_and_fifos_in_the_cache_dir_are_neither_followed_nor_waited_on(tmp_path, installed, outside):
+    copy = cp_a(installed, tmp_path / "copy")
+    entry = copy / "entries" / FP / store.ENTRY_FILE
+    (outside / "entry.json").write_text(entry.read_text())
+    entry.unlink()
+    entry.symlink_to(outside / "entry.json")  # an entry.json that is a link: not read
+    assert store.list_entries(copy) == []
+    (copy / store.CHECKSUMS).unlink()
+    os.mkfifo(copy / store.CHECKSUMS)  # a FIFO would block a plain open() forever
+    code = ("import json, sys; from sd3plugin.transforms.settings import activate; "
+            "print(json.dumps(activate(sys.argv[1])['cache']['repaired']))")
+    proc = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [item] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "checksums.json is unreadable" in item["problem"] and not (copy / "entries").exists()
+    assert (outside / "entry.json").exists()

@@ -966,6 +966,20 @@ def test_verify_reports_damaged_files(tmp_path, capsys, monkeypatch):
     code, _, text = cli("verify", "--cache-dir", str(root), capsys=capsys)
     assert "damaged" not in text  # repaired once, then clean
     assert not (root / "inductor" / "ab" / "kernel.py").exists()
+    copy = tmp_path / "copy"  # a restored backup: new inodes, mtimes kept; one byte flipped, one file gone
+    subprocess.check_call(["cp", "-a", str(root), str(copy)])  # (subprocess.run is the fake child here)
+    so = copy / "inductor" / "ab" / "kernel.so"
+    data, st = bytearray(so.read_bytes()), so.stat()
+    data[7] ^= 1
+    so.write_bytes(bytes(data))
+    os.utime(so, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.unlink(copy / "entries" / fp / "aaaa.megacache")
+    (copy / "entries" / fp / "aaaa.megacache").mkdir()  # an entry file replaced by a folder
+    code, data, _ = cli("verify", "--cache-dir", str(copy), "--json", capsys=capsys)
+    assert code == EXIT["not_found"] and "\n" not in data["error"]
+    assert (f"entries/{fp}/aaaa.megacache: replaced by a link or a folder" in data["error"]
+            and "inductor/ab/kernel.so: content changed (sha256 mismatch)" in data["error"])
+    assert not so.exists()
 
 
 def test_random_megacache_blobs_give_one_line_each_no_traceback(tmp_path, caplog):

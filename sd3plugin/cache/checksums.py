@@ -14,10 +14,12 @@ Record names are read from the cache dir, so each is confined to ``entries/`` or
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from pathlib import Path
 
-from .layout import (CHECKSUMS, ENTRIES, INSTALLED, PACKED_DIRS, OutsideError, confine, iter_files, read_json,
+from .layout import (CHECKSUMS, ENTRIES, INSTALLED, PACKED_DIRS, OutsideError, confine, iter_files, open_regular,
+                     read_json,
                      remove_tree, write_json)
 
 LOST = CHECKSUMS  # the "file" of the problem reported when the record itself is lost
@@ -46,7 +48,8 @@ def lost_record(root: str | Path) -> str | None:
     if missing:
         return f"{CHECKSUMS} is missing but {INSTALLED} says an archive was installed"
     try:
-        empty = path.lstat().st_size == 0 or data == {}
+        st = path.lstat()
+        empty = stat.S_ISREG(st.st_mode) and (st.st_size == 0 or data == {})
     except OSError:
         empty = False
     return f"{CHECKSUMS} is {'empty' if empty else 'unreadable (not a record of files)'}"
@@ -62,7 +65,7 @@ def file_record(path: Path, sha256: str | None = None) -> dict:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()

@@ -16,9 +16,11 @@ from the cache dir's own metadata (a journal, a checksums record, an entry's blo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -99,10 +101,31 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when it is missing, unreadable or not a JSON object."""
+def open_regular(path: str | Path) -> int:
+    """A file descriptor of ``path`` opened for reading when it is a regular file, not a link (OSError if
+    not): a link planted in the cache dir is not followed, a FIFO does not block."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        data = json.loads(Path(path).read_bytes())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file (``open_regular``: no link followed, no FIFO waited on)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when it is missing, unreadable, not a regular file (a link, a
+    FIFO) or not a JSON object."""
+    try:
+        data = json.loads(read_regular(path))
     except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None

@@ -49,7 +49,7 @@ def load_entries(root: str | Path) -> dict:
                 if errors:
                     result["skipped"].append({"blob": str(path), "reason": "; ".join(errors)})
                     continue
-                data = path.read_bytes()
+                data = store.read_regular(path)
             except OSError as exc:
                 result["skipped"].append({"blob": str(path), "reason": f"cannot read it: {exc.strerror}"})
                 continue

@@ -60,11 +60,8 @@ def usable(root: str | Path, fp: str, here: dict) -> tuple[list[tuple[dict, byte
             bad.append({"file": str(name), "reason": "not a file name of the precompiled folder; not read"})
             continue
         path = folder(root, fp) / name
-        if path.is_symlink():
-            bad.append({"file": name, "reason": "a link; not read"})
-            continue
         try:
-            data = path.read_bytes()
+            data = store.read_regular(path)  # not a link, not a FIFO
         except OSError as exc:
             bad.append({"file": record["file"], "reason": f"cannot read it: {exc.strerror}"})
             continue
