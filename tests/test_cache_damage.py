@@ -72,6 +72,11 @@ def run_cli(*argv: str) -> tuple[int, str]:
 
 # -- item 5: damage follows content ------------------------------------------------------------------------
 def test_a_clean_copy_is_hashed_once_then_trusted(tmp_path, installed, monkeypatch):
+    hashed = []
+    real = store.sha256_file
+    monkeypatch.setattr("sd3plugin.cache.checksums.sha256_file", lambda p: hashed.append(p) or real(p))
+    assert maintain(installed)["repaired"] == [] and hashed == []  # as installed: nothing to hash
+    monkeypatch.undo()
     copy = cp_a(installed, tmp_path / "copy")
     assert activate(copy)["cache"]["repaired"] == []
     records = store.read_checksums(copy)
