@@ -305,3 +305,24 @@ def test_links_and_fifos_in_the_cache_dir_are_neither_followed_nor_waited_on(tmp
     [item] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "checksums.json is unreadable" in item["problem"] and not (copy / "entries").exists()
     assert (outside / "entry.json").exists()
+
+
+def test_everything_warm_writes_is_recorded_as_it_is(tmp_path, monkeypatch):
+    """warm writes its blob, then the precompiled blocks and entry.json again: all recorded, none damage."""
+    from sd3plugin.apps import warm as warmup
+    from sd3plugin.config import compose
+
+    def fake_compile(cfg, shapes, steps, progress):
+        per_shape = [dict(s, seconds=0.1, fresh_compilations=1, fxgraph_cache_hit=0) for s in shapes]
+        return (per_shape, {"backend": "inductor", "mode": {"spec": "x"}}, (b"blob" * 64, {"inductor": 1}),
+                {"artefacts": [({"key": "k1"}, b"block" * 50)], "sampled_keys": ["k1"]})
+
+    monkeypatch.setattr(warmup, "_compile_shapes", fake_compile)
+    root = tmp_path / "cache"
+    cfg = compose(None, ["model=tiny", "device=cpu", f"cache_dir={root}"])
+    r = warmup.warm(cfg, [{"width": 32, "height": 32, "batch_size": 1, "guidance": True}], steps=1,
+                    lock_timeout=10, progress=False)
+    recorded = set(store.read_checksums(root))
+    assert {rel for rel, _ in store.iter_files(root)} == recorded
+    assert any(rel.endswith(".pt2") for rel in recorded) and r["precompiled"]["artefacts"] == 1
+    assert store.check_files(root, full=True) == [] and maintain(root)["repaired"] == []

@@ -110,6 +110,7 @@ def warm(cfg, shapes: list[dict], steps: int = 2, lock_timeout: float = DEFAULT_
         path = store.add_blob(root, fp, compile_config(cfg), OmegaConf.to_container(cfg, resolve=True),
                               env, shapes, blob, counts, per_shape)
         pre = _store_precompiled(root, fp, blocks, env)
+        store.refresh_checksums(root)  # the precompiled files and the entry.json they updated
     return {"ok": True, "cache_dir": str(root), "fingerprint": fp, "entry": str(path.parent),
             "blob": path.name if blob is not None else None, "blob_bytes": len(blob or b""), "artifacts": counts, "shapes": per_shape,
             "lock_wait_seconds": round(waited, 3), "seconds": round(time.perf_counter() - started, 3),
