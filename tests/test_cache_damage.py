@@ -326,3 +326,21 @@ def test_everything_warm_writes_is_recorded_as_it_is(tmp_path, monkeypatch):
     assert {rel for rel, _ in store.iter_files(root)} == recorded
     assert any(rel.endswith(".pt2") for rel in recorded) and r["precompiled"]["artefacts"] == 1
     assert store.check_files(root, full=True) == [] and maintain(root)["repaired"] == []
+
+
+def test_a_damaged_precompiled_block_is_left_to_its_index_check(tmp_path, installed):
+    from sd3plugin.cache import precompiled
+    from sd3plugin.cache.manifest import environment
+
+    src = cp_a(installed, tmp_path / "src")
+    env = environment()
+    index = precompiled.write(src, FP, [({"key": "a"}, b"block a" * 40), ({"key": "b"}, b"block b" * 40)], [], env)
+    store.refresh_checksums(src)
+    copy = cp_a(src, tmp_path / "copy")
+    damaged = precompiled.folder(copy, FP) / index["artefacts"][0]["file"]
+    flip(damaged)
+    [item] = activate(copy)["cache"]["repaired"]
+    assert item["file"] == damaged.relative_to(copy).as_posix() and "precompiled index check" in item["action"]
+    assert (copy / "entries" / FP / store.ENTRY_FILE).exists()  # the entry and its other block stay
+    ok, bad, _ = precompiled.usable(copy, FP, env)
+    assert [r["key"] for r, _ in ok] == ["b"] and "sha256 mismatch" in bad[0]["reason"]

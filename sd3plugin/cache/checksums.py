@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from .layout import (CHECKSUMS, ENTRIES, INSTALLED, PACKED_DIRS, OutsideError, confine, iter_files, open_regular,
+from .layout import (CHECKSUMS, ENTRIES, INSTALLED, PACKED_DIRS, PRECOMPILED, OutsideError, confine, iter_files, open_regular,
                      read_json,
                      remove_tree, write_json)
 
@@ -172,7 +172,8 @@ def check_files(root: str | Path, full: bool = False, update: bool = False) -> l
 def repair(root: str | Path, bad: list[dict]) -> list[dict]:
     """Act on what ``check_files`` found, inside the cache dir only: remove a damaged inductor file alone
     (torch writes it again or compiles it again), the whole entry of a damaged or deleted entry file
-    (``warm`` builds it again), every cache file when the record is lost; drop records of deleted files and
+    (``warm`` builds it again) but for precompiled blocks (``cache/precompiled.py`` checks each against its
+    index as it loads it, falls back for that block alone, and ``warm`` rebuilds it), every cache file when the record is lost; drop records of deleted files and
     records naming paths outside. Updates checksums.json. Call with the lock held."""
     root = Path(root)
     if not bad:
@@ -190,6 +191,11 @@ def repair(root: str | Path, bad: list[dict]) -> list[dict]:
             done.append({**item, "action": "record dropped; nothing outside the cache dir was touched"})
             continue
         parts = rel.split("/")
+        if parts[0] == ENTRIES and len(parts) >= 4 and parts[2] == PRECOMPILED:
+            records.pop(rel, None)  # its index holds each block's sha256, checked as it is loaded
+            done.append({**item, "action": "left to the precompiled index check (not loaded; the next warm "
+                                           "rebuilds it)"})
+            continue
         if parts[0] == ENTRIES and len(parts) >= 3:
             target, action = "/".join(parts[:2]), f"removed entry {parts[1]} (warm it again)"
         elif problem == "deleted":

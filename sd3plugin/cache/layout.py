@@ -33,6 +33,7 @@ ENTRY_FILE = "entry.json"
 INSTALL_PREFIX = ".install-"
 JOURNAL = "journal.json"
 BLOB_SUFFIX = ".megacache"
+PRECOMPILED = "precompiled"  # entries/<fingerprint>/precompiled/: checked by its own index (cache/precompiled.py)
 # What pack ships and install replaces: everything of a cache dir but models/ and the lock.
 PACKED_DIRS = (ENTRIES, INDUCTOR)
 # Inductor's own lock files and temporary files are not cache content.

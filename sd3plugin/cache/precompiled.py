@@ -19,7 +19,7 @@ from pathlib import Path
 from . import store
 
 FORMAT = "sd3plugin-precompiled/1"
-FOLDER = "precompiled"
+FOLDER = store.PRECOMPILED
 INDEX = "index.json"
 SUFFIX = ".pt2"
 # Everything that must be equal for an artefact to load (bytecode of diffusers' and sd3plugin's code is in it).

@@ -15,6 +15,6 @@ from .checksums import (check_files, file_record, forget_checksums, lost_record,
 from .entries import add_blob, blob_paths, entry_dir, find_entries, list_entries, safe_name, shape_key  # noqa: F401
 from .journal import Transaction, leftovers, recover, rollback  # noqa: F401
 from .layout import (BLOB_SUFFIX, CHECKSUMS, ENTRIES, ENTRY_FILE, INDUCTOR, INSTALL_PREFIX, INSTALLED,  # noqa: F401
-                     JOURNAL, PACKED_DIRS, SKIP_NAMES, OutsideError, _now, atomic_write, confine, default_mode,
+                     JOURNAL, PACKED_DIRS, PRECOMPILED, SKIP_NAMES, OutsideError, _now, atomic_write, confine, default_mode,
                      dir_size, has_cache, human_size, is_confined, iter_files, open_regular, read_json, read_regular,
                      remove_tree, write_json)
