@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .memory_check import check_preset_fits, preset_parameters
 from .model_source import check_model_source, is_load_error, load_error
 from .models import default_resolution, save_random_pipeline
+from .preflight import check_runnable
 from .progress import BuildProgress
 
 log = logging.getLogger("sd3plugin")
@@ -72,8 +73,9 @@ def _saved_by(folder: Path | None = None) -> str | None:
 def load_pipeline(cfg, pipeline_class=None):
     """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device.
 
-    What diffusers / huggingface_hub raise for a model that cannot be found or reached becomes one
-    ModelError naming the problem and the fix.
+    An explicit backend, attention kernel or quant preset that cannot run here is refused first
+    (``preflight.check_runnable``: ConfigError, exit code 2). What diffusers / huggingface_hub raise for a
+    model that cannot be found or reached becomes one ModelError naming the problem and the fix.
 
     On a GPU the weights go straight to it (``device_map="cuda"``: each component's safetensors are read
     into GPU memory, no CPU copy of the pipeline first); on the CPU as before. ``.to(device)`` then only
@@ -84,6 +86,7 @@ def load_pipeline(cfg, pipeline_class=None):
 
     from .optimize import record_startup
 
+    check_runnable(cfg)  # an explicit backend / attention / quant that cannot run here: before anything loads
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     cls = pipeline_class or StableDiffusion3Pipeline
