@@ -2,6 +2,8 @@
 (``ModelError``, exit code 2) when it is none of them or cannot be reached.
 
 ``check_model_source(model)`` refuses a missing or incomplete folder before anything loads;
+``check_reachable(model)`` also asks the Hub (or its local cache) for a Hub id, for the commands that start
+another process to load the model (``sd3plugin-cache verify``);
 ``load_error(model, exc)`` turns what diffusers / huggingface_hub raise for a Hub id (no network, no such
 repository, a gated one) into one sentence naming the problem and the fix.
 """
@@ -55,6 +57,26 @@ def check_model_source(model: str) -> str:
                          f"folder); give a local diffusers folder, a Hub id such as {HUB_EXAMPLE}, or "
                          f"{presets_hint()}")
     return "hub"
+
+
+def check_reachable(model: str) -> str:
+    """``check_model_source``, and for a Hub id that its ``model_index.json`` is in the local Hub cache or can
+    be fetched (a small file ``from_pretrained`` reads first anyway): a ModelError naming the problem (no
+    network, no such repository, a gated one) and the fix, before a process is started or anything loads."""
+    kind = check_model_source(model)
+    if kind != "hub":
+        return kind
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        return kind
+    if isinstance(try_to_load_from_cache(str(model), "model_index.json"), str):
+        return kind
+    try:
+        hf_hub_download(str(model), "model_index.json")
+    except Exception as exc:  # what the Hub client raises: offline, not found, gated, HTTP errors
+        raise load_error(str(model), exc) from None
+    return kind
 
 
 def _chain(exc: BaseException):
