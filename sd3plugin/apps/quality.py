@@ -270,6 +270,25 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_sensitivity_needs() -> None:
+    """The sensitivity command's optional libraries, checked before anything loads: ConfigError (exit 2)
+    naming the extra that installs them."""
+    from ..errors import ConfigError
+
+    try:
+        from skimage.metrics import structural_similarity  # noqa: F401
+    except ImportError:
+        raise ConfigError("sensitivity measures SSIM with scikit-image, which is not installed: pip install "
+                          "'sd3plugin[bench]' (the bench extra; pip install '.[bench]' from a checkout) or pip "
+                          "install scikit-image") from None
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise ConfigError("sensitivity quantizes with torchao, which is not installed: pip install "
+                          "'sd3plugin[quant]' (pip install '.[quant]' from a checkout) or pip install torchao") \
+            from None
+
+
 def _sensitivity(args) -> int:
     import fnmatch
     import time
@@ -283,6 +302,7 @@ def _sensitivity(args) -> int:
 
     check_device(args.quant, args.device)
     check_model_source(args.model)
+    check_sensitivity_needs()
     dtype = getattr(torch, args.dtype)
     if args.model in ARCHITECTURES:
         weights = "random"
