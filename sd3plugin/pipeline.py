@@ -38,13 +38,13 @@ def model_path(cfg) -> str:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     base = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
+    key = _saved_by()
+    if not (_folder_for(base, key) / "model_index.json").is_file():
+        # A build this machine cannot hold is refused before the models/ folder and its lock file exist
+        check_preset_fits(cfg.model, dtype, device, building=True)
     base.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base) + ".lock"):
-        # A folder saved by another environment's transformers may not load here (the nexfort stack's
-        # transformers 4.57 cannot read tokenizers of newer ones): each environment keeps its own.
-        key = _saved_by()
-        folder = base if not (base / "model_index.json").is_file() or _saved_by(base) == key else \
-            base.with_name(f"{base.name}-{key}")
+        folder = _folder_for(base, key)
         building = not (folder / "model_index.json").is_file()
         check_preset_fits(cfg.model, dtype, device, building=building)
         if building:
@@ -56,6 +56,15 @@ def model_path(cfg) -> str:
             meta = json.loads(record.read_text()) if record.is_file() else {}
             record.write_text(json.dumps({**meta, "saved_by": key}, indent=2))
     return str(folder)
+
+
+def _folder_for(base: Path, key: str) -> Path:
+    """Where this environment's copy of a preset lives. A folder saved by another environment's transformers
+    may not load here (the nexfort stack's transformers 4.57 cannot read tokenizers of newer ones): each
+    environment keeps its own."""
+    if not (base / "model_index.json").is_file() or _saved_by(base) == key:
+        return base
+    return base.with_name(f"{base.name}-{key}")
 
 
 def _saved_by(folder: Path | None = None) -> str | None:
