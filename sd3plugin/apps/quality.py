@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -281,18 +282,16 @@ def check_sensitivity_needs() -> None:
         raise ConfigError("sensitivity measures SSIM with scikit-image, which is not installed: pip install "
                           "'sd3plugin[bench]' (the bench extra; pip install '.[bench]' from a checkout) or pip "
                           "install scikit-image") from None
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torchao") is None:
         raise ConfigError("sensitivity quantizes with torchao, which is not installed: pip install "
-                          "'sd3plugin[quant]' (pip install '.[quant]' from a checkout) or pip install torchao") \
-            from None
+                          "'sd3plugin[quant]' (pip install '.[quant]' from a checkout) or pip install torchao")
 
 
 def _sensitivity(args) -> int:
     import fnmatch
     import time
 
+    check_sensitivity_needs()  # before the heavy imports: a missing extra is one line, at once
     from diffusers import SD3Transformer2DModel
 
     from ..model_source import check_model_source, is_load_error, load_error
@@ -302,7 +301,6 @@ def _sensitivity(args) -> int:
 
     check_device(args.quant, args.device)
     check_model_source(args.model)
-    check_sensitivity_needs()
     dtype = getattr(torch, args.dtype)
     if args.model in ARCHITECTURES:
         weights = "random"
