@@ -38,12 +38,12 @@ def model_path(cfg) -> str:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     base = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
-    key = _saved_by()
-    if not (_folder_for(base, key) / "model_index.json").is_file():
-        # A build this machine cannot hold is refused before the models/ folder and its lock file exist
+    if not (base / "model_index.json").is_file():
+        # A first build this machine cannot hold is refused before the models/ folder and its lock file exist
         check_preset_fits(cfg.model, dtype, device, building=True)
     base.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base) + ".lock"):
+        key = _saved_by()
         folder = _folder_for(base, key)
         building = not (folder / "model_index.json").is_file()
         check_preset_fits(cfg.model, dtype, device, building=building)
