@@ -65,7 +65,7 @@ def test_verify_of_a_folder_without_model_index_or_an_offline_hub_id_is_exit_2(c
         assert "folder without model_index.json" in line
     else:
         line = _verify_model(tmp_path, "someorg/somemodel")
-        assert "not a reachable Hub id" in line and "hf download someorg/somemodel" in line
+        assert "nor a reachable Hub id" in line and "hf download someorg/somemodel" in line
 
 
 @pytest.mark.slow
