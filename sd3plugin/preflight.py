@@ -35,6 +35,8 @@ def check_attention(plan) -> str:
     """The attention kernel's reason; ConfigError when an explicitly named kernel cannot run here."""
     from .kernels.attention import resolve_kernel
 
+    if plan.backend == "eager":  # nothing is compiled: diffusers' own processors stay
+        return "backend=eager keeps diffusers' processors"
     return resolve_kernel(plan.attention, plan.device, plan.dtype)[1]
 
 

@@ -279,12 +279,12 @@ def check_sensitivity_needs() -> None:
     try:
         from skimage.metrics import structural_similarity  # noqa: F401
     except ImportError:
-        raise ConfigError("sensitivity measures SSIM with scikit-image, which is not installed: pip install "
-                          "'sd3plugin[bench]' (the bench extra; pip install '.[bench]' from a checkout) or pip "
-                          "install scikit-image") from None
+        raise ConfigError("sensitivity measures SSIM with scikit-image, which is not installed: install the "
+                          "bench extra (pip install '.[bench]' in a checkout of sd3plugin) or pip install "
+                          "scikit-image") from None
     if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("sensitivity quantizes with torchao, which is not installed: pip install "
-                          "'sd3plugin[quant]' (pip install '.[quant]' from a checkout) or pip install torchao")
+        raise ConfigError("sensitivity quantizes with torchao, which is not installed: install the quant "
+                          "extra (pip install '.[quant]' in a checkout of sd3plugin) or pip install torchao")
 
 
 def _sensitivity(args) -> int:
