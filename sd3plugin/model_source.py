@@ -95,9 +95,24 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 _HUB_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
 
 
+LOADING_MARK = "_sd3plugin_raised_while_loading"
+
+
+def mark_load_error(exc: BaseException) -> None:
+    """Record on ``exc`` that diffusers raised it while reading the model (the hook calls this), before any
+    optimization ran."""
+    try:
+        setattr(exc, LOADING_MARK, True)
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
 def is_load_error(model: str, exc: BaseException) -> bool:
     """Whether ``exc`` (raised by a hooked ``from_pretrained``) comes from finding or reading the model, not
-    from optimizing it: the Hub client raised it, or its message names the model."""
+    from optimizing it: the hook saw diffusers raise it, the Hub client raised it, or its message names the
+    model."""
+    if getattr(exc, LOADING_MARK, False):
+        return True
     for e in _chain(exc):
         if type(e).__module__.startswith(_HUB_MODULES) or str(model) in str(e):
             return True
