@@ -121,6 +121,16 @@ def test_run_with_an_explicit_choice_that_cannot_run_is_exit_2_before_loading(ov
     assert not (cache / "models").exists()  # nothing was built or loaded
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: fa4 may run")
+def test_warm_with_a_kernel_that_cannot_run_is_exit_2_and_creates_no_cache_dir(tmp_path):
+    cache = tmp_path / "cache"
+    res = cache_cli("warm", "attention=fa4", "--cache-dir", str(cache), cwd=tmp_path)
+    assert res.returncode == EXIT["usage"], res.stderr[-3000:]
+    assert "attention=fa4 cannot run" in one_line(res, "sd3plugin-cache warm: ")
+    assert not cache.exists()
+
+
 # -- pack refuses a cache dir without entries -----------------------------------------------------------
 def test_pack_of_a_cache_without_entries_is_refused_with_the_fix(tmp_path):
     cache = tmp_path / "cache"
