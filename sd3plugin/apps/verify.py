@@ -113,7 +113,8 @@ def child_failure(proc) -> Exception:
         if info.get("config_error"):
             return ConfigError(info["message"])
         return CacheError(f"the verify process failed: {info['message']} (SD3PLUGIN_DEBUG=1 shows its traceback)")
-    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines()
+             if ln.strip() and not ln.startswith("import time:")]  # -X importtime's lines say nothing here
     last = lines[-1][:300] if lines else "no output"
     return CacheError(f"the verify process failed (exit {proc.returncode}): {last} (SD3PLUGIN_DEBUG=1 shows its "
                       "output)")
