@@ -227,3 +227,24 @@ def test_gpu_scripts_end_in_one_line_on_a_cpu(script, tmp_path):
     line = one_line(res, "error: ")
     assert "CUDA GPU" in line and "GPU machine" in line
     assert not (tmp_path / "attn.json").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_a_verify_process_that_fails_is_told_in_one_line():
+    """What the parent makes of the verify process's end: its ConfigError (exit 2), its error line, or the
+    last line of a crash (not -X importtime's lines)."""
+    from types import SimpleNamespace
+
+    from sd3plugin.apps.verify import ERROR_MARK, child_failure
+    from sd3plugin.cache.errors import CacheError
+    from sd3plugin.errors import ConfigError
+
+    def proc(stdout="", stderr="", code=1):
+        return SimpleNamespace(stdout=stdout, stderr=stderr, returncode=code)
+
+    err = child_failure(proc(ERROR_MARK + json.dumps({"config_error": True, "message": "model='x' is bad"}), code=2))
+    assert type(err) is ConfigError and str(err) == "model='x' is bad"
+    err = child_failure(proc(ERROR_MARK + json.dumps({"config_error": False, "message": "RuntimeError: boom"})))
+    assert isinstance(err, CacheError) and "RuntimeError: boom" in str(err) and "\n" not in str(err)
+    err = child_failure(proc(stderr="import time: 1 | 2 | torch\nSegmentation fault\nimport time: 3 | 4 | x\n",
+                             code=-11))
+    assert str(err).startswith("the verify process failed (exit -11): Segmentation fault")
