@@ -1,4 +1,4 @@
-"""``sd3plugin-cache doctor [--json] [--fix] [key=value ...]``: what this machine can run, and why not.
+"""``sd3plugin-cache doctor [--json] [--fix] [--cache-dir DIR] [key=value ...]``: what this machine can run, and why not.
 
 Reports python/torch/triton/CUDA/cuDNN/diffusers/onediff/nexfort versions, the GPU (compute capability,
 fp8), which backends are usable (and why not), the cache dir and its size, and nexfort's misplaced
@@ -11,16 +11,16 @@ import sys
 
 from sd3plugin.cache.store import human_size
 
+from .common import add_common, compose_args
 from .exit_codes import EXIT
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("doctor", help="check versions, GPU, usable backends, cache dir; --fix nexfort",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object (for machines)")
     p.add_argument("--fix", action="store_true",
                    help="copy nexfort's misplaced extension modules into nexfort/inductor/codegen/")
-    return p
+    return add_common(p)
 
 
 def render(rep: dict) -> str:
@@ -64,9 +64,7 @@ def render(rep: dict) -> str:
 def run(args) -> int:
     from sd3plugin import environment
     from sd3plugin.apps import doctor
-    from sd3plugin.config import compose
-
-    cfg = compose(None, args.overrides)
+    cfg = compose_args(args)  # --cache-dir applied: the report names that cache dir
     fixed: list[str] = []
     if args.fix:
         try:

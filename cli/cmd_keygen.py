@@ -12,7 +12,8 @@ def add_parser(sub):
                                    "KEY.pub or SD3PLUGIN_TRUSTED_KEY=KEY.pub).")
     p.add_argument("-o", "--output", required=True, metavar="KEY", help="private key file to write")
     p.add_argument("--force", action="store_true", help="replace existing key files")
-    return add_common(p, cache_dir=False, overrides=False)
+    return add_common(p, overrides=False, cache_dir_help="accepted as by every command; the key files go to "
+                                                           "-o, not into the cache dir")
 
 
 def run(args) -> int:

@@ -14,11 +14,25 @@ def add_parser(sub):
     return add_common(p, lock=True)
 
 
+def check_has_entries(root) -> None:
+    """A cache dir with compiled files but no cache entry (what ``sd3plugin-run`` leaves) packs into an archive
+    that ``ls`` shows and ``verify`` cannot use: refused (exit 6) with the fix."""
+    from sd3plugin.cache import store
+    from sd3plugin.cache.errors import CacheNotFoundError
+
+    if store.has_cache(root) and not store.list_entries(root):
+        raise CacheNotFoundError(f"the cache dir {str(root)!r} has no cache entries (only compiled files, which "
+                                 "an installed archive cannot be verified or served from); run `sd3plugin-cache "
+                                 "warm [OVERRIDES]` first, then pack")
+
+
 def run(args) -> int:
     from sd3plugin.cache import store
     from sd3plugin.cache.archive import pack
 
-    result = pack(cache_root(args), args.output, level=args.level, lock_timeout=args.lock_timeout,
+    root = cache_root(args)
+    check_has_entries(root)
+    result = pack(root, args.output, level=args.level, lock_timeout=args.lock_timeout,
                   sign_key=args.sign)
     m = result["manifest"]
     text = (f"packed {len(m['files'])} files ({store.human_size(m['total_bytes'])}) of "

@@ -25,6 +25,12 @@ def run(args) -> int:
     from sd3plugin.cli.exit_codes import EXIT
 
     cfg = compose_args(args)
+    # Model and machine mistakes first (exit 2, one line, as in run and warm), before the cache is looked at
+    from sd3plugin.model_source import check_reachable
+    from sd3plugin.preflight import check_runnable
+
+    check_reachable(cfg.model)
+    check_runnable(cfg)
     # Every recorded cache file is hashed; damaged ones are removed first (the run compiles them again).
     from sd3plugin.cache.lock import maintain
 

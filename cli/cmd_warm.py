@@ -27,6 +27,11 @@ def run(args) -> int:
         raise ConfigError(f"--steps {args.steps} must be at least 1")
     cfg = compose_args(args)
     check_warmable(cfg)
+    from sd3plugin.model_source import check_model_source
+    from sd3plugin.preflight import check_runnable
+
+    check_model_source(cfg.model)  # a folder that is not there: before the cache dir is created or locked
+    check_runnable(cfg)  # an explicit backend / attention / quant that cannot run here: likewise
     shapes = plan_shapes(cfg, parse_resolutions(args.resolutions), parse_batch_sizes(args.batch_sizes))
     result = warm(cfg, shapes, steps=args.steps, lock_timeout=args.lock_timeout,
                   progress=not (args.no_progress or args.json))

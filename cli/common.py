@@ -9,12 +9,15 @@ from sd3plugin.cache.lock import DEFAULT_TIMEOUT_S
 from sd3plugin.errors import ConfigError
 
 
-def add_common(p, cache_dir: bool = True, lock: bool = False, overrides: bool = True):
+CACHE_DIR_HELP = "cache dir (default: the config's cache_dir, i.e. $SD3PLUGIN_CACHE_DIR or ~/.cache/sd3plugin)"
+
+
+def add_common(p, lock: bool = False, overrides: bool = True, cache_dir_help: str = CACHE_DIR_HELP):
+    """The flags every subcommand shares: ``--json`` and ``--cache-dir`` (so one set of flags works with any
+    command); ``--lock-timeout`` where the command locks the cache dir; trailing overrides where it reads
+    the config."""
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    if cache_dir:
-        p.add_argument("--cache-dir", metavar="DIR",
-                       help="cache dir (default: the config's cache_dir, i.e. $SD3PLUGIN_CACHE_DIR or "
-                            "~/.cache/sd3plugin)")
+    p.add_argument("--cache-dir", metavar="DIR", help=cache_dir_help)
     if lock:
         p.add_argument("--lock-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                        help=f"wait this long for another process's lock on the cache dir (default {DEFAULT_TIMEOUT_S:g})")

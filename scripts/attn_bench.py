@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--out", default="attn.json")
     ap.add_argument("--tokens", type=int, default=4096 + 333)
     args = ap.parse_args()
+    from sd3plugin.environment import exit_without_cuda
+
+    exit_without_cuda("scripts/attn_bench.py")
     from sd3plugin.kernels import attention, fa3, quantized_attention as qa
 
     quant16 = torch.compile(functools.partial(qa.quantize_qkv, pv="16bit"))

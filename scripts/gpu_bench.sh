@@ -18,6 +18,10 @@ if [ -d .whl ] && ! python3 -c 'import sd3plugin.conf' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || {
+  echo "error: scripts/gpu_bench.sh measures on a CUDA GPU and torch sees none here (or does not import); run it on the GPU machine" >&2
+  exit 2
+}
 BENCH="python3 -m sd3plugin.apps.bench"
 COMMON="model=sd3-medium steps=28 guidance_scale=7.0 bench.repeat=3"
 

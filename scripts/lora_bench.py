@@ -65,6 +65,9 @@ def main() -> None:
     p.add_argument("--mode", default="max-speed")
     p.add_argument("--out", default="lora.json")
     a = p.parse_args()
+    from sd3plugin.environment import exit_without_cuda
+
+    exit_without_cuda("scripts/lora_bench.py")
 
     import sd3plugin
     from diffusers import SD3Transformer2DModel

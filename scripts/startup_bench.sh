@@ -27,6 +27,10 @@ if [ -d .whl ] && ! python3 -c 'import sd3plugin.conf' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || {
+  echo "error: scripts/startup_bench.sh measures on a CUDA GPU and torch sees none here (or does not import); run it on the GPU machine" >&2
+  exit 2
+}
 ci=$ROOT/startup-ci serve=$ROOT/startup-serve arc=$ROOT/startup-$MODE.tar.zst
 export SD3PLUGIN_CACHE_DIR=${SD3PLUGIN_CACHE_DIR:-$ROOT/sd3cache}   # random-weight models are built here once
 rm -rf "$ci" "$serve" "$arc"

@@ -16,7 +16,13 @@ import torch
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        print("usage: python scripts/step_profile.py OUT.json [OVERRIDES...]", file=sys.stderr)
+        raise SystemExit(2)
     out_path, overrides = sys.argv[1], sys.argv[2:]
+    from sd3plugin.environment import exit_without_cuda
+
+    exit_without_cuda("scripts/step_profile.py")
     import sd3plugin
     from diffusers import SD3Transformer2DModel
     from sd3plugin.config import compose

@@ -39,7 +39,13 @@ def _wrap(cls, name, kind):
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        print("usage: python scripts/warm_start_trace.py OUT.json OVERRIDES...", file=sys.stderr)
+        raise SystemExit(2)
     out_path, overrides = sys.argv[1], sys.argv[2:]
+    from sd3plugin.environment import exit_without_cuda
+
+    exit_without_cuda("scripts/warm_start_trace.py")
     from torch._inductor.runtime import triton_heuristics as th
 
     for name, kind in (("coordinate_descent_tuning", "coordesc"), ("autotune_to_one_config", "autotune"),

@@ -198,6 +198,28 @@ def fix_nexfort_layout(dist=None) -> list[str]:
     return actions
 
 
+# -- the GPU-only scripts -------------------------------------------------------------------------------
+
+def cuda_missing(what: str) -> str | None:
+    """None where torch sees a CUDA GPU; else one line for a GPU-only tool (``what``): why not, and the fix."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    why = ("this torch is built without CUDA" if torch.version.cuda is None
+           else "torch sees no CUDA GPU (none present, or CUDA_VISIBLE_DEVICES hides it)")
+    return (f"{what} measures on a CUDA GPU and {why}: torch {torch.__version__}; run it on the GPU machine "
+            "(scripts/gpu_bench.sh lists the runs)")
+
+
+def exit_without_cuda(what: str) -> None:
+    """For the scripts in scripts/: end with one line on stderr and exit code 2 when there is no CUDA GPU."""
+    missing = cuda_missing(what)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # -- whether the nexfort backend can run ---------------------------------------------------------------
 
 def licensed_modules_loaded() -> list[str]:

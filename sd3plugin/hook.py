@@ -14,6 +14,7 @@ import time
 from typing import Iterable
 
 from .config import compose
+from .model_source import mark_load_error
 from .global_settings import GLOBAL_SETTINGS
 
 log = logging.getLogger("sd3plugin")
@@ -62,6 +63,9 @@ class Hook:
             try:
                 with timed_component_loads() as components:
                     pipe = original(cls, *args, **kwargs)
+            except Exception as exc:  # diffusers could not load it: a model problem, not an optimization one
+                mark_load_error(exc)
+                raise
             finally:
                 _in_pipeline_load.reset(token)
             loaded = time.perf_counter() - started

@@ -2,6 +2,8 @@
 (``ModelError``, exit code 2) when it is none of them or cannot be reached.
 
 ``check_model_source(model)`` refuses a missing or incomplete folder before anything loads;
+``check_reachable(model)`` also asks the Hub (or its local cache) for a Hub id, for the commands that start
+another process to load the model (``sd3plugin-cache verify``);
 ``load_error(model, exc)`` turns what diffusers / huggingface_hub raise for a Hub id (no network, no such
 repository, a gated one) into one sentence naming the problem and the fix.
 """
@@ -57,6 +59,26 @@ def check_model_source(model: str) -> str:
     return "hub"
 
 
+def check_reachable(model: str) -> str:
+    """``check_model_source``, and for a Hub id that its ``model_index.json`` is in the local Hub cache or can
+    be fetched (a small file ``from_pretrained`` reads first anyway): a ModelError naming the problem (no
+    network, no such repository, a gated one) and the fix, before a process is started or anything loads."""
+    kind = check_model_source(model)
+    if kind != "hub":
+        return kind
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        return kind
+    if isinstance(try_to_load_from_cache(str(model), "model_index.json"), str):
+        return kind
+    try:
+        hf_hub_download(str(model), "model_index.json")
+    except Exception as exc:  # what the Hub client raises: offline, not found, gated, HTTP errors
+        raise load_error(str(model), exc) from None
+    return kind
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -73,9 +95,24 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 _HUB_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
 
 
+LOADING_MARK = "_sd3plugin_raised_while_loading"
+
+
+def mark_load_error(exc: BaseException) -> None:
+    """Record on ``exc`` that diffusers raised it while reading the model (the hook calls this), before any
+    optimization ran."""
+    try:
+        setattr(exc, LOADING_MARK, True)
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
 def is_load_error(model: str, exc: BaseException) -> bool:
     """Whether ``exc`` (raised by a hooked ``from_pretrained``) comes from finding or reading the model, not
-    from optimizing it: the Hub client raised it, or its message names the model."""
+    from optimizing it: the hook saw diffusers raise it, the Hub client raised it, or its message names the
+    model."""
+    if getattr(exc, LOADING_MARK, False):
+        return True
     for e in _chain(exc):
         if type(e).__module__.startswith(_HUB_MODULES) or str(model) in str(e):
             return True

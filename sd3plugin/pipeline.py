@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .memory_check import check_preset_fits, preset_parameters
 from .model_source import check_model_source, is_load_error, load_error
 from .models import default_resolution, save_random_pipeline
+from .preflight import check_runnable
 from .progress import BuildProgress
 
 log = logging.getLogger("sd3plugin")
@@ -37,13 +38,13 @@ def model_path(cfg) -> str:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     base = cache_paths(cfg.cache_dir)["models"] / f"{cfg.model}-{str(dtype).split('.')[-1]}"
+    if not (base / "model_index.json").is_file():
+        # A first build this machine cannot hold is refused before the models/ folder and its lock file exist
+        check_preset_fits(cfg.model, dtype, device, building=True)
     base.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base) + ".lock"):
-        # A folder saved by another environment's transformers may not load here (the nexfort stack's
-        # transformers 4.57 cannot read tokenizers of newer ones): each environment keeps its own.
         key = _saved_by()
-        folder = base if not (base / "model_index.json").is_file() or _saved_by(base) == key else \
-            base.with_name(f"{base.name}-{key}")
+        folder = _folder_for(base, key)
         building = not (folder / "model_index.json").is_file()
         check_preset_fits(cfg.model, dtype, device, building=building)
         if building:
@@ -55,6 +56,15 @@ def model_path(cfg) -> str:
             meta = json.loads(record.read_text()) if record.is_file() else {}
             record.write_text(json.dumps({**meta, "saved_by": key}, indent=2))
     return str(folder)
+
+
+def _folder_for(base: Path, key: str) -> Path:
+    """Where this environment's copy of a preset lives. A folder saved by another environment's transformers
+    may not load here (the nexfort stack's transformers 4.57 cannot read tokenizers of newer ones): each
+    environment keeps its own."""
+    if not (base / "model_index.json").is_file() or _saved_by(base) == key:
+        return base
+    return base.with_name(f"{base.name}-{key}")
 
 
 def _saved_by(folder: Path | None = None) -> str | None:
@@ -72,8 +82,9 @@ def _saved_by(folder: Path | None = None) -> str | None:
 def load_pipeline(cfg, pipeline_class=None):
     """Load ``cfg.model`` through ``from_pretrained`` (hooked when sd3plugin is enabled), on cfg.device.
 
-    What diffusers / huggingface_hub raise for a model that cannot be found or reached becomes one
-    ModelError naming the problem and the fix.
+    An explicit backend, attention kernel or quant preset that cannot run here is refused first
+    (``preflight.check_runnable``: ConfigError, exit code 2). What diffusers / huggingface_hub raise for a
+    model that cannot be found or reached becomes one ModelError naming the problem and the fix.
 
     On a GPU the weights go straight to it (``device_map="cuda"``: each component's safetensors are read
     into GPU memory, no CPU copy of the pipeline first); on the CPU as before. ``.to(device)`` then only
@@ -84,6 +95,7 @@ def load_pipeline(cfg, pipeline_class=None):
 
     from .optimize import record_startup
 
+    check_runnable(cfg)  # an explicit backend / attention / quant that cannot run here: before anything loads
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, cfg.quant.type)
     cls = pipeline_class or StableDiffusion3Pipeline

@@ -62,6 +62,7 @@ def test_model_path_refuses_before_building(monkeypatch, tmp_path):
     cfg = compose(overrides=["model=sd3-medium", "device=cpu", f"cache_dir={tmp_path}"])
     with pytest.raises(ModelError, match="2.0 GiB available"):
         pipeline.model_path(cfg)
+    assert not (tmp_path / "models").exists()  # a refused build leaves no folder and no empty lock file
 
 
 def test_the_probe_reads_this_machine():

@@ -14,7 +14,7 @@ LAYERS = {
     "plan": 2, "cache": 2,
     "kernels": 3, "backends": 3, "quant": 3,
     "transforms": 4,
-    "optimize": 5, "hook": 5, "auto": 5, "pipeline": 5, "__init__": 5,
+    "optimize": 5, "hook": 5, "auto": 5, "pipeline": 5, "preflight": 5, "__init__": 5,
     "apps": 6, "cli": 6, "__main__": 6,
 }
 

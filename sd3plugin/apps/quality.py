@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -270,10 +271,27 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_sensitivity_needs() -> None:
+    """The sensitivity command's optional libraries, checked before anything loads: ConfigError (exit 2)
+    naming the extra that installs them."""
+    from ..errors import ConfigError
+
+    try:
+        from skimage.metrics import structural_similarity  # noqa: F401
+    except ImportError:
+        raise ConfigError("sensitivity measures SSIM with scikit-image, which is not installed: install the "
+                          "bench extra (pip install '.[bench]' in a checkout of sd3plugin) or pip install "
+                          "scikit-image") from None
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("sensitivity quantizes with torchao, which is not installed: install the quant "
+                          "extra (pip install '.[quant]' in a checkout of sd3plugin) or pip install torchao")
+
+
 def _sensitivity(args) -> int:
     import fnmatch
     import time
 
+    check_sensitivity_needs()  # before the heavy imports: a missing extra is one line, at once
     from diffusers import SD3Transformer2DModel
 
     from ..model_source import check_model_source, is_load_error, load_error

@@ -24,6 +24,7 @@ from ..cache.errors import CacheError, CacheNotFoundError, NothingCompiledError 
 from ..startup import parse_importtime  # noqa: E402
 
 MARK = "sd3plugin_verify="
+ERROR_MARK = "sd3plugin_verify_error="  # the child's one-line error, when it cannot give a result
 
 
 def select_entry(cfg) -> dict:
@@ -78,8 +79,7 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
     wall = time.perf_counter() - t0
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise CacheError(f"the verify process failed (exit {proc.returncode}):\n{tail}")
+        raise child_failure(proc)
     result = json.loads(line[len(MARK):])
     result["process_seconds"] = round(wall, 3)
     result.setdefault("startup", {})["imports"] = parse_importtime(proc.stderr or "")
@@ -97,6 +97,27 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
         err.result = result
         raise err
     return result
+
+
+def child_failure(proc) -> Exception:
+    """One line for a verify process that ended without a result: the ConfigError it reported (a model or
+    config mistake: exit code 2, as in run and warm), or a CacheError with its last error line. Its traceback
+    is shown only with SD3PLUGIN_DEBUG=1."""
+    from ..errors import ConfigError
+
+    err = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(ERROR_MARK)), None)
+    if os.environ.get("SD3PLUGIN_DEBUG") and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    if err is not None:
+        info = json.loads(err[len(ERROR_MARK):])
+        if info.get("config_error"):
+            return ConfigError(info["message"])
+        return CacheError(f"the verify process failed: {info['message']} (SD3PLUGIN_DEBUG=1 shows its traceback)")
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines()
+             if ln.strip() and not ln.startswith("import time:")]  # -X importtime's lines say nothing here
+    last = lines[-1][:300] if lines else "no output"
+    return CacheError(f"the verify process failed (exit {proc.returncode}): {last} (SD3PLUGIN_DEBUG=1 shows its "
+                      "output)")
 
 
 def _child(payload: dict) -> dict:
@@ -174,6 +195,26 @@ def _write_profile(profiler, path: str) -> None:
     Path(path).write_text(buf.getvalue())
 
 
-if __name__ == "__main__":
-    out = _child(json.loads(sys.argv[1]))
+def _child_main(argv: list[str]) -> int:
+    """The verify process: its result on one line of stdout, or its error on one line (never a traceback,
+    unless SD3PLUGIN_DEBUG=1)."""
+    from ..errors import ConfigError
+
+    try:
+        out = _child(json.loads(argv[0]))
+    except Exception as exc:  # reported to the parent in one line; it decides the exit code
+        if os.environ.get("SD3PLUGIN_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        text = (str(exc).strip().splitlines() or [""])[0][:500]
+        config = isinstance(exc, ConfigError)
+        print(ERROR_MARK + json.dumps({"config_error": config,
+                                       "message": text if config else f"{type(exc).__name__}: {text}"}), flush=True)
+        return 2 if config else 1
     print(MARK + json.dumps(out, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,12 +1,12 @@
 """``--help`` of the apps, generated from the schema: groups and their presets, every key with its default
-and one line (``key_docs.KEY_DOCS``), the seed-style flags (``legacy.FLAG_DOCS``) and Hydra's flags."""
+and one line (``key_docs.key_doc``: value lists read from the choice tables), the seed-style flags (``legacy.FLAG_DOCS``) and Hydra's flags."""
 from __future__ import annotations
 
 import textwrap
 
 from omegaconf import OmegaConf
 
-from .key_docs import KEY_DOCS
+from .key_docs import key_doc
 from .legacy import FLAG_DOCS
 from .presets import GROUPS, group_options
 from .schema import leaf_fields
@@ -68,7 +68,7 @@ def group_lines(cfg) -> list[str]:
 
 
 def key_lines(cfg) -> list[str]:
-    return [_row(key, f"{KEY_DOCS.get(key, '')} [default: {_default(cfg, key)}]") for key, _ in leaf_fields()]
+    return [_row(key, f"{key_doc(key)} [default: {_default(cfg, key)}]") for key, _ in leaf_fields()]
 
 
 def flag_lines(bench: bool) -> list[str]:

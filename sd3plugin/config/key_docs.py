@@ -1,14 +1,17 @@
 """One line about every schema key, for ``--help`` (docs/config.md has the long form).
 
 ``tests/test_cli_help.py`` checks that this table names exactly the schema's keys, so a new key without a
-line here fails the tests.
+line here fails the tests. ``{values}`` in a line stands for the key's values, read from its choice table
+when the help is printed (``key_doc``), so a value added to a table is listed without editing this file.
 """
 from __future__ import annotations
 
+from . import choices
+
 KEY_DOCS: dict[str, str] = {
-    "model": "architecture preset with random weights, built locally (tiny, tiny-sd3.5, sd3-medium, sd3.5-medium, "
-             "sd3.5-large), a local diffusers folder, or a Hub id",
-    "backend": "auto (nexfort where it runs, else inductor) | inductor | nexfort | eager",
+    "model": "architecture preset with random weights, built locally ({values}), a local diffusers folder, or a "
+             "Hub id",
+    "backend": "{values}",
     "mode.name": "name of the mode preset (set by mode=...)",
     "mode.spec": "the compile mode's ':'-separated tokens (docs/modes.md)",
     "mode.description": "one line about the mode preset",
@@ -23,15 +26,14 @@ KEY_DOCS: dict[str, str] = {
     "backend_options": "extra options for the backend as they are (+backend_options.NAME=VALUE)",
     "fuse_qkv": "fuse the attention's Q/K/V projections into one matmul",
     "fuse_gelu": "on CUDA: the feed-forward's bias and GELU in the matmul's epilogue",
-    "attention": "attention kernel: auto | sdpa | fa4 | int8 | int8_fp8",
+    "attention": "attention kernel: {values}",
     "joint_attention": "with attention=fa4: SD3's joint attention as one op",
     "compile_vae": "compile the VAE decoder too",
     "lora_hotswap_rank": "prepare for hot-swapping LoRAs up to this rank without recompiling",
-    "device": "auto (CUDA if visible) | cuda | cpu",
-    "dtype": "auto (float16 on CUDA, float32 on CPU, bfloat16 where the quant preset needs it) | float16 | "
-             "bfloat16 | float32",
+    "device": "{values}",
+    "dtype": "{values}",
     "cache_dir": "compile caches and random-weight models ($SD3PLUGIN_CACHE_DIR)",
-    "on_error": "fallback (a failed compile keeps eager and says why) | raise",
+    "on_error": "{values}",
     "fa4_prewarm": "compile FlashAttention-4's kernel in a child process while compiling",
     "keep_coordesc": "reuse cached coordinate-descent tuning at a warm start",
     "precompiled": "run the cache entry's precompiled transformer blocks where they match this machine",
@@ -46,3 +48,38 @@ KEY_DOCS: dict[str, str] = {
     "output_dir": "where images and report.md / report.json go (null: outputs/DATE/TIME)",
     "image_path": "the file the image is written to (more images: numbered beside it)",
 }
+
+
+# What a value means, where a word helps (the values themselves come from the tables below).
+VALUE_NOTES: dict[str, dict[str, str]] = {
+    "backend": {"auto": "nexfort where it runs, else inductor"},
+    "attention": {"auto": "the fastest kernel that runs here, else sdpa"},
+    "device": {"auto": "CUDA if visible"},
+    "dtype": {"auto": "float16 on CUDA, float32 on CPU, bfloat16 where the quant preset needs it"},
+    "on_error": {"fallback": "a failed compile keeps eager and says why"},
+}
+
+
+def choice_table(key: str) -> tuple[str, ...] | None:
+    """The values ``key`` takes, from the table the config validates it with (None: not a choice key)."""
+    if key == "backend":
+        from . import schema
+
+        return tuple(schema.BACKENDS)  # plugins may add backends: read at call time
+    if key == "model":
+        from ..models import ARCHITECTURES
+
+        return tuple(ARCHITECTURES)
+    return {"attention": choices.ATTENTION_KERNELS, "device": choices.DEVICES, "dtype": choices.DTYPES,
+            "on_error": choices.ON_ERROR}.get(key)
+
+
+def key_doc(key: str) -> str:
+    """``KEY_DOCS[key]`` with ``{values}`` filled in from the key's choice table."""
+    text = KEY_DOCS.get(key, "")
+    table = choice_table(key)
+    if table is None or "{values}" not in text:
+        return text
+    notes = VALUE_NOTES.get(key, {})
+    sep = ", " if key == "model" else " | "
+    return text.replace("{values}", sep.join(f"{v} ({notes[v]})" if v in notes else v for v in table))
