@@ -20,3 +20,8 @@ class CompileError(SD3PluginError, RuntimeError):
 class ModelError(ConfigError):
     """``model=`` names nothing loadable here (no such folder, no Hub access, too large for this machine);
     a config mistake: exit code 2 on the command line."""
+
+
+class NotWritableError(SD3PluginError, OSError):
+    """A folder or file a command must write (output_dir, the image, the working folder, cache_dir) cannot be
+    written: read-only, no permission, a file in the way. Exit code 8 (``cannot_write``) on the command line."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ...errors import ConfigError
+from ...errors import ConfigError, NotWritableError
 from .coldstart import variant_command_overrides
 from .options import (COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes,
                       split_bench_overrides)
@@ -48,16 +48,22 @@ def bench_help() -> str:
 
 def _task_factory(bench: BenchConfig):
     def task(cfg) -> None:
+        from ..quiet_logs import route_known_warnings
+        from ..run import fail
+        from ..writable import check_run_outputs
         from ...config import validate
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        route_known_warnings()
         logging.getLogger("sd3plugin").setLevel(logging.INFO)
         try:
             validate(cfg)
+            check_run_outputs(cfg, image=False)
             run_bench(cfg, bench)
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            fail(exc, "usage")
+        except NotWritableError as exc:
+            fail(exc, "cannot_write")
     return task
 
 

@@ -63,7 +63,9 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
                      res["e2e_seconds"])
         add_ratios(results)
         data = _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results)
+        data["complete"] = False  # until every variant is measured (a crash or Ctrl-C leaves it so)
         write_outputs(data, out, chart=bench.chart, quiet=True)  # partial results survive a crash
+    data["complete"] = True
     write_outputs(data, out, chart=bench.chart)
     written = ", ".join(name for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file())
     print(f"sd3plugin-bench: wrote {written} to {out.resolve()}", flush=True)
