@@ -25,3 +25,15 @@ class ModelError(ConfigError):
 class NotWritableError(SD3PluginError, OSError):
     """A folder or file a command must write (output_dir, the image, the working folder, cache_dir) cannot be
     written: read-only, no permission, a file in the way. Exit code 8 (``cannot_write``) on the command line."""
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps a KeyboardInterrupt (torch's compile errors wrap what stopped them): a Ctrl-C
+    must stop the run, never count as a failure to fall back from."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -53,10 +53,21 @@ class _ToLogFile(logging.Filter):
         files = _log_files()
         if not files:
             return True
-        for handler in files:
-            if record.levelno >= handler.level:
-                handler.handle(record)
+        if not _reaches_root(record.name):  # the root's log files would not see it otherwise
+            for handler in files:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
         return False
+
+
+def _reaches_root(name: str) -> bool:
+    """Whether a record of logger ``name`` propagates up to the root logger's handlers."""
+    logger = logging.getLogger(name)
+    while logger is not None and logger is not logging.getLogger():
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return True
 
 
 _FILTER = _ToLogFile()

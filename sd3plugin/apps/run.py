@@ -98,7 +98,10 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_tex
     """Translate/validate ``argv``, settle the run folder and check what will be written, then run
     ``task(cfg)`` as a Hydra app on sd3plugin's config; ``--help`` prints ``help_text()`` (generated from the
     schema) instead. Ctrl-C anywhere ends with one line and exit code 130."""
+    from .interrupt import deliver_dropped_interrupts
+
     prog = "sd3plugin-bench" if bench else "sd3plugin-run"
+    deliver_dropped_interrupts()
     try:
         _run_hydra(task, argv, bench, help_text, prog)
     except KeyboardInterrupt as exc:
