@@ -53,7 +53,8 @@ class _ToLogFile(logging.Filter):
         files = _log_files()
         if not files:
             return True
-        if not _reaches_root(record.name):  # the root's log files would not see it otherwise
+        if not _reaches_root(record.name) and not getattr(record, "_sd3plugin_logged", False):
+            record._sd3plugin_logged = True  # several terminal handlers see it: into the files once
             for handler in files:
                 if record.levelno >= handler.level:
                     handler.handle(record)
