@@ -179,6 +179,27 @@ def test_a_taken_folder_is_never_reused(tmp_path):
     assert [claim(base) for _ in range(3)] == [base, base.with_name("12-00-00_2"), base.with_name("12-00-00_3")]
 
 
+def test_interrupted_before_writing_removes_only_its_own_empty_folder(tmp_path, monkeypatch):
+    from sd3plugin.apps import run_folder
+
+    monkeypatch.setattr(run_folder, "CLAIMED", [])
+    empty = run_folder.claim(tmp_path / "a")
+    (empty / ".hydra").mkdir()
+    (empty / "run.log").write_text("log")
+    used = run_folder.claim(tmp_path / "b")
+    (used / "bench.json").write_text("{}")
+    assert run_folder.release_unused() == ([empty.resolve()], [used.resolve()])
+    assert not empty.exists() and (used / "bench.json").is_file()
+
+
+def test_a_file_where_the_run_folder_goes_is_one_line_exit_8(tmp_path):
+    (tmp_path / "outputs").write_text("not a folder")
+    cmd, kw = app(["backend=eager", "steps=1"], tmp_path)
+    res = subprocess.run(cmd, capture_output=True, timeout=120, **kw)
+    one_line_error(res, "cannot_write", f"{tmp_path / 'outputs'} is a file, not a folder", "output_dir=PATH")
+    assert (tmp_path / "outputs").read_text() == "not a folder"
+
+
 def test_known_harmless_warnings_go_to_the_log_file_only(tmp_path, capsys):
     """A library logger with a terminal handler of its own (as transformers has): the known harmless warning
     reaches the root's log file once and not the terminal; any other warning still reaches the terminal."""

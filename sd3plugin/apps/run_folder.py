@@ -80,13 +80,17 @@ def folder_overrides(argv: list[str], cfg, multirun: bool) -> list[str]:
 
 
 def _claim_default(root: str) -> str:
+    from .writable import check_folder
+
     base = default_folder(root)
+    fix = "run from a folder you can write or set output_dir=PATH"
+    check_folder(base, "the run folder", fix)  # a read-only working folder, a file named outputs...
     try:
         return str(claim(base))
     except OSError as exc:
         where = Path(os.getcwd())
         raise NotWritableError(f"cannot create the run folder {where / base}: the working folder {where} "
-                               f"{_reason(exc)}; run from a folder you can write or set output_dir=PATH") from None
+                               f"{_reason(exc)}; {fix}") from None
 
 
 def release_unused() -> tuple[list[Path], list[Path]]:
