@@ -147,29 +147,54 @@ def test_multirun_with_output_dir_gives_each_job_a_folder(tmp_path, cache_dir):
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
-def test_ctrl_c_is_one_line_exit_130_and_the_folder_says_incomplete(tmp_path, cache_dir):
-    """SIGINT to the process group (what Ctrl-C in a terminal does) once the run has loaded: one line,
-    exit code 130, report.json marks the run incomplete, no image and no traceback."""
-    out = tmp_path / "out"
-    cmd, kw = app(["backend=eager", "steps=100000", f"output_dir={out}"], tmp_path)
+def interrupt_when(line_part: str, args, cwd, env=None):
+    """Start sd3plugin-run, send SIGINT to its process group (what Ctrl-C in a terminal does) when a line
+    containing ``line_part`` appears on stdout; return (exit code, stderr)."""
+    cmd, kw = app(args, cwd)
+    if env:
+        kw["env"].update(env)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
     try:
         for line in proc.stdout:
-            if "sd3plugin: backend eager" in line:  # the pipeline is loaded: the run has started
+            if line_part in line:
                 os.killpg(proc.pid, signal.SIGINT)
                 break
-        rest, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT["interrupted"] == 130, err[-3000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    return proc.returncode, err
+
+
+def check_interrupted(code, err, out: Path):
+    assert code == EXIT["interrupted"] == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Exception ignored" not in err
     last = err.strip().splitlines()[-1]
     report = out / "report.json"
     assert last == f"sd3plugin-run: interrupted (Ctrl-C); the run is marked incomplete in {report.resolve()}"
     data = json.loads(report.read_text())
-    assert data["complete"] is False and "Ctrl-C" in data["reason"] and data["config"]["steps"] == 100000
+    assert data["complete"] is False and "Ctrl-C" in data["reason"]
     assert not list(out.glob("*.png")) and not list(out.glob(".*.part"))
+    return data
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_folder_says_incomplete(tmp_path, cache_dir):
+    """Ctrl-C once the pipeline is loaded: one line, exit code 130, report.json marks the run incomplete,
+    no image and no traceback."""
+    out = tmp_path / "out"
+    code, err = interrupt_when("sd3plugin: backend eager", ["backend=eager", "steps=100000", f"output_dir={out}"],
+                               tmp_path)
+    assert check_interrupted(code, err, out)["config"]["steps"] == 100000
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_compiling(tmp_path):
+    """Ctrl-C at the first (compiling) call, into an empty compile cache: it stops the run (no fallback to
+    eager, no dropped interrupt), with one line and exit code 130."""
+    out = tmp_path / "out"
+    code, err = interrupt_when("Dynamo traces the blocks", ["steps=3", f"output_dir={out}"], tmp_path,
+                               env={"SD3PLUGIN_CACHE_DIR": str(tmp_path / "cache")})
+    check_interrupted(code, err, out)
 
 
 def test_a_taken_folder_is_never_reused(tmp_path):
