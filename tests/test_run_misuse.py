@@ -251,3 +251,48 @@ def test_known_harmless_warnings_go_to_the_log_file_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "requires torchvision" not in err and "a warning that matters" in err
     assert (tmp_path / "run.log").read_text().count("requires torchvision") == 1
+
+
+def test_a_dropped_ctrl_c_is_delivered_again(monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a weakref callback is dropped by Python ("Exception ignored"); the
+    hook keeps it, silently, and the run's next check (after a denoising step) raises it."""
+    import gc
+    import weakref
+
+    from sd3plugin.apps import interrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(interrupt, "_DROPPED", [])
+    interrupt.deliver_dropped_interrupts()
+
+    class Thing:
+        pass
+
+    def callback(_):
+        raise KeyboardInterrupt
+
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing
+    gc.collect()
+    assert ref() is None and "Exception ignored" not in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.step_check(None, 0, 0, {})
+    assert interrupt.step_check(None, 1, 0, {"latents": 1}) == {"latents": 1}  # raised once
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["-m", "steps=1,2", "--saved-image", "x.png"], "usage", "image_path (--saved-image) names one file"),
+])
+def test_multirun_with_one_image_file_is_refused(tmp_path, args, code, needle):
+    cmd, kw = app(args, tmp_path)
+    res = subprocess.run(cmd, capture_output=True, timeout=120, **kw)
+    one_line_error(res, code, needle)
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_printing_the_config_creates_no_folder(tmp_path):
+    cmd, kw = app(["--cfg", "job", "steps=1"], tmp_path)
+    res = subprocess.run(cmd, capture_output=True, timeout=120, **kw)
+    assert res.returncode == 0 and "steps: 1" in res.stdout, res.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()

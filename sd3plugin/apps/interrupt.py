@@ -3,13 +3,15 @@
 Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives. Inside a weakref callback
 or a ``__del__`` (torch's compiler runs many) the exception is printed as "Exception ignored in ..." and
 dropped, and the run goes on as if nothing happened. ``deliver_dropped_interrupts()`` installs an
-unraisable hook that sends SIGINT to the process again instead, so the interrupt lands in ordinary code
-and ends the run (one line, exit code 130, see ``run.interrupted``).
+unraisable hook that keeps such an interrupt (silently) instead; ``raise_if_dropped()`` raises it, and the
+run calls it after every denoising step (``step_check``, a ``callback_on_step_end``) and between its stages,
+so the run stops there (one line, exit code 130, see ``run.interrupted``).
 """
 from __future__ import annotations
 
-import signal
 import sys
+
+_DROPPED: list[bool] = []
 
 
 def deliver_dropped_interrupts() -> None:
@@ -20,9 +22,22 @@ def deliver_dropped_interrupts() -> None:
 
     def hook(unraisable) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # raised again at the next bytecode, where it can stop the run
+            _DROPPED.append(True)
             return
         previous(unraisable)
 
     hook._sd3plugin = True
     sys.unraisablehook = hook
+
+
+def raise_if_dropped() -> None:
+    """Raise the KeyboardInterrupt that was dropped since the last call, if any."""
+    if _DROPPED:
+        _DROPPED.clear()
+        raise KeyboardInterrupt
+
+
+def step_check(pipe, step, timestep, callback_kwargs):
+    """``callback_on_step_end``: a dropped Ctrl-C stops the pipeline after this step."""
+    raise_if_dropped()
+    return callback_kwargs

@@ -192,6 +192,7 @@ def mark_incomplete(out, cfg, reason: str):
 def _generate(cfg: DictConfig, out) -> dict:
     import sd3plugin
 
+    from .interrupt import raise_if_dropped, step_check
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
     from .run_report import image_paths, save_images, summary, versions, write_reports
     from ..config.resolve import resolve_device
@@ -203,22 +204,25 @@ def _generate(cfg: DictConfig, out) -> dict:
     with sd3plugin.enabled(cfg):
         pipe = load_pipeline(cfg)
     load_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     reset_peak_memory(device)
     step_bar(pipe, "warm-up (the first step compiles)")
     t0 = time.perf_counter()
-    pipe(**call_kwargs(cfg, output_type="latent"))
+    pipe(**call_kwargs(cfg, output_type="latent"), callback_on_step_end=step_check)
     synchronize(device)
     warmup_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     timer = StepTimer(device)
     kwargs = call_kwargs(cfg)
     step_bar(pipe, "generating")
     timer.start()
     t0 = time.perf_counter()
-    images = pipe(**kwargs, callback_on_step_end=timer).images
+    images = pipe(**kwargs, callback_on_step_end=lambda *a: timer(*a[:3], step_check(*a))).images
     synchronize(device)
     e2e_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     paths = save_images(images, image_paths(len(images), cfg.image_path, out))
     rep = sd3plugin.report(pipe)

@@ -10,6 +10,7 @@ import time
 from omegaconf import OmegaConf
 
 from ...errors import ConfigError
+from ..interrupt import raise_if_dropped
 from .options import COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes
 from .variants import run_variant
 
@@ -45,6 +46,7 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
     if not plan:
         raise ConfigError("nothing to measure: bench.eager=false and bench.variants is empty")
     for label, vcfg, ovs in plan:
+        raise_if_dropped()  # a Ctrl-C that Python dropped during the last variant stops here
         log.info("sd3plugin-bench: measuring %s", label)
         try:
             res, ref = run_variant(label, vcfg, bench, base_pipe, master, device, out, eager_ref, folder)
