@@ -296,3 +296,31 @@ def test_printing_the_config_creates_no_folder(tmp_path):
     res = subprocess.run(cmd, capture_output=True, timeout=120, **kw)
     assert res.returncode == 0 and "steps: 1" in res.stdout, res.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_benchmark(tmp_path, cache_dir):
+    """sd3plugin-bench interrupted while it measures: one line, exit code 130, bench.json says incomplete."""
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "sd3plugin.apps.bench", "steps=100000", "bench.repeat=1",
+                             "bench.cache_warmup=false", f"output_dir={out}"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "sd3plugin-bench: measuring eager" in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        lines += proc.communicate(timeout=300)[0].splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    bench_json = (out / "bench.json").resolve()
+    assert lines[-1].strip() == f"sd3plugin-bench: interrupted (Ctrl-C); the run is marked incomplete in {bench_json}"
+    data = json.loads(bench_json.read_text())
+    assert data["complete"] is False and "Ctrl-C" in data["reason"]

@@ -60,11 +60,32 @@ def _task_factory(bench: BenchConfig):
             validate(cfg)
             check_run_outputs(cfg, image=False)
             run_bench(cfg, bench)
+        except KeyboardInterrupt as exc:
+            exc.report = mark_incomplete(cfg, "interrupted (Ctrl-C)")
+            raise
         except ConfigError as exc:
             fail(exc, "usage")
         except NotWritableError as exc:
             fail(exc, "cannot_write")
     return task
+
+
+def mark_incomplete(cfg, reason: str):
+    """bench.json of a benchmark that did not finish: the variants measured so far (if any) and
+    ``"complete": false`` with why."""
+    import json
+
+    from ..run_report import write_atomic
+    from ...pipeline import output_dir
+
+    path = output_dir(cfg) / "bench.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {"model": cfg.model, "variants": []}
+    data.update(complete=False, reason=reason)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
+    return path.resolve()
 
 
 def main(argv: list[str] | None = None) -> None:
