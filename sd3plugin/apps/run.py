@@ -157,7 +157,7 @@ def interrupted(prog: str, exc: BaseException) -> None:
     else:
         removed, kept = release_unused()
         what = ("nothing was written" + (f" (its folder {removed[0]} is removed)" if removed else "")
-                if not kept else f"what was written is in {kept[0]}, marked incomplete")
+                if not kept else f"what was written is in {kept[0]}")
     print(f"{prog}: interrupted (Ctrl-C); {what}", file=sys.stderr, flush=True)
     sys.exit(EXIT["interrupted"])
 
@@ -171,7 +171,10 @@ def generate(cfg: DictConfig) -> dict:
     try:
         return _generate(cfg, out)
     except KeyboardInterrupt as exc:
-        exc.report = mark_incomplete(out, cfg, "interrupted (Ctrl-C)")
+        try:
+            exc.report = mark_incomplete(out, cfg, "interrupted (Ctrl-C)")
+        except OSError:  # the folder cannot take it (disk full...): the one line says what is there
+            pass
         raise
 
 
@@ -184,8 +187,8 @@ def mark_incomplete(out, cfg, reason: str):
     data = {"complete": False, "reason": reason, "output_dir": str(out.resolve()),
             "config": OmegaConf.to_container(cfg, resolve=False)}
     write_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
-    write_atomic(out / "report.md", f"# sd3plugin-run: incomplete\n\nThe run was {reason}: no image was "
-                                    "written by it. Its config is in report.json.\n")
+    write_atomic(out / "report.md", f"# sd3plugin-run: incomplete\n\nThe run was {reason} before it "
+                                    "finished. Its config is in report.json.\n")
     return out.resolve() / "report.json"
 
 

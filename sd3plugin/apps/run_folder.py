@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError, NotWritableError
-from .writable import _reason
+from .writable import describe_error
 
 # Hydra flags after which Hydra does not run the task (nothing to create).
 NO_RUN_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc")
@@ -90,7 +90,7 @@ def _claim_default(root: str) -> str:
     except OSError as exc:
         where = Path(os.getcwd())
         raise NotWritableError(f"cannot create the run folder {where / base}: the working folder {where} "
-                               f"{_reason(exc)}; {fix}") from None
+                               f"{describe_error(exc)}; {fix}") from None
 
 
 def release_unused() -> tuple[list[Path], list[Path]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import NotWritableError
 
 
-def _reason(exc: OSError) -> str:
+def describe_error(exc: OSError) -> str:
     if exc.errno == errno.EROFS:
         return "is on a read-only file system"
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -53,7 +53,8 @@ def check_folder(path, what: str, fix: str) -> Path:
         raise NotWritableError(f"cannot write {what} {folder}: {base} is a file, not a folder; {fix}")
     exc = _probe(base)
     if exc is not None:
-        detail = f"it {_reason(exc)}" if base == folder else f"it cannot be created: {base} {_reason(exc)}"
+        why = describe_error(exc)
+        detail = f"it {why}" if base == folder else f"it cannot be created: {base} {why}"
         raise NotWritableError(f"cannot write {what} {folder}: {detail}; {fix}")
     return folder
 
@@ -68,7 +69,7 @@ def check_file(path, what: str, fix: str) -> Path:
         raise NotWritableError(f"cannot write {what} {target}: {base} is a file, not a folder; {fix}")
     exc = _probe(base)
     if exc is not None:
-        raise NotWritableError(f"cannot write {what} {target}: {base} {_reason(exc)}; {fix}")
+        raise NotWritableError(f"cannot write {what} {target}: {base} {describe_error(exc)}; {fix}")
     return target
 
 

@@ -61,7 +61,10 @@ def _task_factory(bench: BenchConfig):
             check_run_outputs(cfg, image=False)
             run_bench(cfg, bench)
         except KeyboardInterrupt as exc:
-            exc.report = mark_incomplete(cfg, "interrupted (Ctrl-C)")
+            try:
+                exc.report = mark_incomplete(cfg, "interrupted (Ctrl-C)")
+            except OSError:  # the folder cannot take it: the one line says what is there
+                pass
             raise
         except ConfigError as exc:
             fail(exc, "usage")
