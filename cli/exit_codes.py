@@ -10,4 +10,5 @@ EXIT = {
     "locked": 7,           # cache dir locked by another process (timeout)
     "cannot_write": 8,     # no permission, read-only target, disk full
     "untrusted": 9,        # a trusted key is set and the archive is unsigned or wrongly signed
+    "interrupted": 130,    # Ctrl-C (SIGINT): one line, nothing half-written left unmarked
 }

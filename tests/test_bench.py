@@ -57,6 +57,26 @@ def test_seed_resolutions_are_valid_for_sd3_and_checked():
         resolution_shapes(BenchConfig(resolutions=[1000]), "sd3-medium")
 
 
+def test_default_resolutions_fit_the_model():
+    """The multiple-resolution pass picks, by default, the seed's sizes the model takes (the tiny model
+    takes 256 and less), so its own defaults never fail; sizes given explicitly are checked."""
+    shapes = resolution_shapes(BenchConfig(square_only=True), "tiny")
+    assert shapes and all(h <= 256 for h, _ in shapes) and (256, 256) in shapes
+    with pytest.raises(ConfigError, match="height=1536"):
+        resolution_shapes(BenchConfig(resolutions=[1536]), "tiny")
+
+
+def test_missing_matplotlib_is_said_once(tmp_path, monkeypatch, caplog):
+    from sd3plugin.apps.bench import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(report, "_SAID", [])
+    data = {"variants": [], "model": "tiny", "width": 64, "height": 64, "versions": {}, "device": "cpu"}
+    with caplog.at_level("WARNING", logger="sd3plugin"):
+        assert [report.draw_chart(data, tmp_path / "bench.png") for _ in range(4)] == [False] * 4
+    assert sum("matplotlib not installed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_app_exits_2_on_a_bad_bench_key():
     res = subprocess.run([sys.executable, "-m", "sd3plugin.apps.bench", "bench.warmups=2"], capture_output=True,
                          text=True, timeout=120)

@@ -138,6 +138,24 @@ def test_on_error_fallback_at_first_call(tiny_path, eager_latents, broken_backen
     assert torch.equal(out, eager_latents[(64, 64)])
 
 
+def _interrupted_backend(gm, example_inputs):
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as exc:  # what a compiler that wraps errors makes of a Ctrl-C
+        raise RuntimeError("compile worker stopped") from exc
+
+
+def test_ctrl_c_while_compiling_is_not_a_compile_failure(tiny_path, broken_backend):
+    """on_error=fallback falls back from compile failures, not from a Ctrl-C that a compiler wrapped."""
+    torch._dynamo.reset()
+    pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path), overrides=["backend=broken"])
+    for block in pipe.transformer.transformer_blocks:
+        block.compile(backend=_interrupted_backend)
+    with pytest.raises(KeyboardInterrupt):
+        pipe(**tiny_call(num_inference_steps=1))
+    assert sd3plugin.report(pipe)["status"] == "compiled"
+
+
 def test_on_error_raise_at_first_call(tiny_path, broken_backend):
     torch._dynamo.reset()
     pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),

@@ -2,7 +2,10 @@
 
 It is a Hydra app on ``conf/config.yaml``: overrides, ``--cfg job`` and ``-m`` multirun work as usual, and
 the seed document's onediff flags (``--compiler-config '{...}'``) are translated to overrides. Config
-errors end with one message and exit code 2, before any model loads.
+errors end with one message and exit code 2, before any model loads; an output, image or cache folder that
+cannot be written with exit code 8, before anything loads; Ctrl-C with one line and exit code 130 (the run
+folder marked incomplete in its report.json, or removed when nothing was written yet). Each run gets a
+folder of its own (``run_folder``).
 """
 from __future__ import annotations
 
@@ -13,13 +16,32 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from ..config.compose import normalize_overrides
-from ..errors import ConfigError
+from ..errors import ConfigError, NotWritableError
+from ..cli.exit_codes import EXIT
 
 log = logging.getLogger("sd3plugin")
 
 # Hydra flags that take a value (the value is not an override).
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+# Hydra flags without a value.
+_PLAIN_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--resolve", "--run", "-r", "--multirun", "-m",
+                "--shell-completion", "-sc"}
+
+
+def check_flags(argv: list[str], prog: str) -> None:
+    """An unknown flag (``--foo``) is one line naming it, not Hydra's usage text."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if arg in _VALUE_FLAGS:
+            skip = True
+        elif arg.startswith("-") and flag not in _VALUE_FLAGS | _PLAIN_FLAGS:
+            raise ConfigError(f"unknown flag {arg!r}; {prog} takes key=value overrides, the seed's flags and "
+                              f"Hydra's (-m, --cfg job, --info): see {prog} --help")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], bool]:
@@ -38,8 +60,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def prevalidate(argv: list[str]) -> None:
-    """Compose the config from the command line once before Hydra runs, to fail early and clearly."""
+def prevalidate(argv: list[str]):
+    """Compose the config from the command line once before Hydra runs, to fail early and clearly; return it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ..config import compose
@@ -51,7 +73,7 @@ def prevalidate(argv: list[str]) -> None:
         raise ConfigError(f"cannot parse overrides {' '.join(overrides)!r}: {exc}") from None
     # Sweeps (-m a=1,2) are checked value by value by Hydra; validate the plain overrides here.
     plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-    compose(None, plain)
+    return compose(None, plain)
 
 
 def prepare_argv(argv: list[str], bench: bool = False) -> list[str]:
@@ -73,11 +95,25 @@ def run_help() -> str:
 
 
 def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_text=run_help) -> None:
-    """Translate/validate ``argv`` then run ``task(cfg)`` as a Hydra app on sd3plugin's config;
-    ``--help`` prints ``help_text()`` (generated from the schema) instead."""
+    """Translate/validate ``argv``, settle the run folder and check what will be written, then run
+    ``task(cfg)`` as a Hydra app on sd3plugin's config; ``--help`` prints ``help_text()`` (generated from the
+    schema) instead. Ctrl-C anywhere ends with one line and exit code 130."""
+    from .interrupt import deliver_dropped_interrupts
+
+    prog = "sd3plugin-bench" if bench else "sd3plugin-run"
+    deliver_dropped_interrupts()
+    try:
+        _run_hydra(task, argv, bench, help_text, prog)
+    except KeyboardInterrupt as exc:
+        interrupted(prog, exc)
+
+
+def _run_hydra(task, argv, bench, help_text, prog) -> None:
     import hydra
 
     from ..config import schema
+    from .run_folder import folder_overrides
+    from .writable import check_run_outputs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_FLAGS for a in argv):
@@ -85,49 +121,111 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_tex
         return
     try:
         argv = prepare_argv(argv, bench=bench)
+        check_flags(argv, prog)
         if not any(a in ("--hydra-help", "--info", "-i") for a in argv):
-            prevalidate(argv)
+            cfg = prevalidate(argv)
+            _, multirun = split_overrides(argv)
+            if not any(a in ("--cfg", "-c") for a in argv):
+                check_run_outputs(cfg, image=not bench)
+            argv = folder_overrides(argv, cfg, multirun)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc, "usage")
+    except NotWritableError as exc:
+        fail(exc, "cannot_write")
     schema.register()
     sys.argv = [sys.argv[0]] + argv
     main_fn = hydra.main(config_path="pkg://sd3plugin.conf", config_name="config", version_base=None)(task)
     main_fn()
 
 
+def fail(exc: Exception, code: str) -> None:
+    """One line on stderr, then the documented exit code."""
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(EXIT[code])
+
+
+def interrupted(prog: str, exc: BaseException) -> None:
+    """Ctrl-C: one line naming what became of the run folder, exit code 130."""
+    import signal
+
+    from .run_folder import release_unused
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+    marked = getattr(exc, "report", None)
+    if marked is not None:
+        what = f"the run is marked incomplete in {marked}"
+    else:
+        removed, kept = release_unused()
+        what = ("nothing was written" + (f" (its folder {removed[0]} is removed)" if removed else "")
+                if not kept else f"what was written is in {kept[0]}")
+    print(f"{prog}: interrupted (Ctrl-C); {what}", file=sys.stderr, flush=True)
+    sys.exit(EXIT["interrupted"])
+
+
 def generate(cfg: DictConfig) -> dict:
-    """Load the pipeline through the hook, warm up (compile), generate, write images and the reports."""
+    """Load the pipeline through the hook, warm up (compile), generate, write images and the reports; a
+    Ctrl-C leaves report.json marked incomplete."""
+    from ..pipeline import output_dir
+
+    out = output_dir(cfg)
+    try:
+        return _generate(cfg, out)
+    except KeyboardInterrupt as exc:
+        try:
+            exc.report = mark_incomplete(out, cfg, "interrupted (Ctrl-C)")
+        except OSError:  # the folder cannot take it (disk full...): the one line says what is there
+            pass
+        raise
+
+
+def mark_incomplete(out, cfg, reason: str):
+    """report.json (and report.md) of a run that did not finish: ``"complete": false`` and why."""
+    import json
+
+    from .run_report import write_atomic
+
+    data = {"complete": False, "reason": reason, "output_dir": str(out.resolve()),
+            "config": OmegaConf.to_container(cfg, resolve=False)}
+    write_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
+    write_atomic(out / "report.md", f"# sd3plugin-run: incomplete\n\nThe run was {reason} before it "
+                                    "finished. Its config is in report.json.\n")
+    return out.resolve() / "report.json"
+
+
+def _generate(cfg: DictConfig, out) -> dict:
     import sd3plugin
 
+    from .interrupt import raise_if_dropped, step_check
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
     from .run_report import image_paths, save_images, summary, versions, write_reports
     from ..config.resolve import resolve_device
-    from ..pipeline import call_kwargs, load_pipeline, output_dir, synchronize
+    from ..pipeline import call_kwargs, load_pipeline, synchronize
     from ..progress import step_bar
 
-    out = output_dir(cfg)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     with sd3plugin.enabled(cfg):
         pipe = load_pipeline(cfg)
     load_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     reset_peak_memory(device)
     step_bar(pipe, "warm-up (the first step compiles)")
     t0 = time.perf_counter()
-    pipe(**call_kwargs(cfg, output_type="latent"))
+    pipe(**call_kwargs(cfg, output_type="latent"), callback_on_step_end=step_check)
     synchronize(device)
     warmup_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     timer = StepTimer(device)
     kwargs = call_kwargs(cfg)
     step_bar(pipe, "generating")
     timer.start()
     t0 = time.perf_counter()
-    images = pipe(**kwargs, callback_on_step_end=timer).images
+    images = pipe(**kwargs, callback_on_step_end=lambda *a: timer(*a[:3], step_check(*a))).images
     synchronize(device)
     e2e_s = time.perf_counter() - t0
+    raise_if_dropped()
 
     paths = save_images(images, image_paths(len(images), cfg.image_path, out))
     rep = sd3plugin.report(pipe)
@@ -146,15 +244,20 @@ def generate(cfg: DictConfig) -> dict:
 
 def _task(cfg: DictConfig) -> None:
     from ..config import check_hardware, validate
+    from .quiet_logs import route_known_warnings
+    from .writable import check_run_outputs
 
+    route_known_warnings()
     logging.getLogger("sd3plugin").setLevel(logging.INFO)
     try:
         validate(cfg)
+        check_run_outputs(cfg)  # a swept output_dir / image_path / cache_dir is checked here
         check_hardware(cfg)  # before building or loading anything
         generate(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc, "usage")
+    except NotWritableError as exc:
+        fail(exc, "cannot_write")
 
 
 def main(argv: list[str] | None = None) -> None:

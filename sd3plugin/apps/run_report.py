@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -18,10 +19,39 @@ def image_paths(count: int, image_path, out: Path) -> list[Path]:
 
 
 def save_images(images, paths: list[Path]) -> list[str]:
+    """Each image written whole or not at all (a file beside it, then renamed): an interrupted run never
+    leaves a truncated image, nor a truncated version of a file that was at that path."""
+    from PIL import Image
+
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, format=None if path.suffix else "PNG")  # a name without an extension: PNG
+        ext = path.suffix.lower()
+        fmt = Image.registered_extensions().get(ext, "PNG")  # a name without a known extension: PNG
+        _replace_with(path, lambda fh: image.save(fh, format=fmt))
     return [str(p.resolve()) for p in paths]
+
+
+def _replace_with(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a written file is as any other
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before."""
+    _replace_with(path, lambda fh: fh.write(text.encode()))
 
 
 def versions() -> dict:
@@ -80,8 +110,9 @@ def report_markdown(result: dict, out: Path | None = None) -> str:
 
 
 def write_reports(result: dict, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "report.md").write_text(report_markdown(result, out))
+    result = {"complete": True, **result}
+    write_atomic(out / "report.json", json.dumps(result, indent=2, default=str))
+    write_atomic(out / "report.md", report_markdown(result, out))
 
 
 def summary(result: dict, out: Path) -> str:

@@ -17,7 +17,7 @@ import time
 from ..backends import cudagraph
 from ..compat import diffusers as dcompat
 from ..compat import torch as tcompat
-from ..errors import CompileError
+from ..errors import CompileError, caused_by_interrupt
 from .base import Handle, Run
 
 log = logging.getLogger("sd3plugin")
@@ -91,6 +91,8 @@ class GuardedForward:
                     **tcompat.compile_breakdown(metrics, tcompat.compile_metrics())}
             return out
         except Exception as exc:  # compile failures surface at the first call
+            if caused_by_interrupt(exc):  # Ctrl-C during compilation: stop, do not fall back
+                raise KeyboardInterrupt from exc
             self.undo()
             self.active = False
             try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ...errors import ConfigError
+from ...errors import ConfigError, NotWritableError
 from .coldstart import variant_command_overrides
 from .options import (COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes,
                       split_bench_overrides)
@@ -48,17 +48,47 @@ def bench_help() -> str:
 
 def _task_factory(bench: BenchConfig):
     def task(cfg) -> None:
+        from ..quiet_logs import route_known_warnings
+        from ..run import fail
+        from ..writable import check_run_outputs
         from ...config import validate
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        route_known_warnings()
         logging.getLogger("sd3plugin").setLevel(logging.INFO)
         try:
             validate(cfg)
+            check_run_outputs(cfg, image=False)
             run_bench(cfg, bench)
+        except KeyboardInterrupt as exc:
+            try:
+                exc.report = mark_incomplete(cfg, "interrupted (Ctrl-C)")
+            except OSError:  # the folder cannot take it: the one line says what is there
+                pass
+            raise
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            fail(exc, "usage")
+        except NotWritableError as exc:
+            fail(exc, "cannot_write")
     return task
+
+
+def mark_incomplete(cfg, reason: str):
+    """bench.json of a benchmark that did not finish: the variants measured so far (if any) and
+    ``"complete": false`` with why."""
+    import json
+
+    from ..run_report import write_atomic
+    from ...pipeline import output_dir
+
+    path = output_dir(cfg) / "bench.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {"model": cfg.model, "variants": []}
+    data.update(complete=False, reason=reason)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
+    return path.resolve()
 
 
 def main(argv: list[str] | None = None) -> None:

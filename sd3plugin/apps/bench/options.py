@@ -34,7 +34,7 @@ class BenchConfig:
     warmup: int = 1                  # warm-up calls before timing (the first one compiles)
     repeat: int = 3                  # timed full pipeline calls (e2e median; steps of all calls for it/s)
     multiple_resolutions: bool = False
-    resolutions: list[int] = field(default_factory=lambda: list(SEED_RESOLUTIONS))
+    resolutions: Optional[list[int]] = None  # None: the SEED_RESOLUTIONS the model takes
     square_only: bool = False        # only (r, r) instead of every (height, width) pair
     resolution_steps: Optional[int] = None  # denoising steps of each per-shape call (default: steps)
     cache_warmup: bool = True        # warm start from a shipped cache (sd3plugin-cache warm/pack/install/verify)
@@ -55,7 +55,8 @@ BENCH_KEY_DOCS = {
     "warmup": "warm-up calls before timing (the first one compiles)",
     "repeat": "timed full pipeline calls (E2E median; it/s over all their steps)",
     "multiple_resolutions": "also time the first call at every shape of bench.resolutions",
-    "resolutions": "sizes of the multiple-resolution pass, used for height and width",
+    "resolutions": "sizes of the multiple-resolution pass, used for height and width (null: those of "
+                   f"{SEED_RESOLUTIONS} the model takes)",
     "square_only": "only (r, r) shapes instead of every (height, width) pair",
     "resolution_steps": "denoising steps of each per-shape call (null: steps)",
     "cache_warmup": "first image from a shipped cache (sd3plugin-cache warm/pack/install/verify, fresh processes)",
@@ -156,15 +157,29 @@ def label_slug(label: str) -> str:
 
 
 def resolution_shapes(bench: BenchConfig, model: str) -> list[tuple[int, int]]:
-    """The (height, width) pairs of the multiple-resolution pass, checked against the model."""
-    from ...models import check_resolution
+    """The (height, width) pairs of the multiple-resolution pass: ``bench.resolutions`` checked against the
+    model, or by default the seed's sizes that the model takes (its native size if it takes none)."""
+    from ...models import check_resolution, default_resolution
 
-    sizes = list(dict.fromkeys(int(r) for r in bench.resolutions))
+    if bench.resolutions is None:
+        sizes = [r for r in SEED_RESOLUTIONS if _takes(model, r)] or [default_resolution(model)]
+    else:
+        sizes = list(dict.fromkeys(int(r) for r in bench.resolutions))
     for r in sizes:
         check_resolution(model, r, r)
     if bench.square_only:
         return [(r, r) for r in sizes]
     return [(h, w) for h in sizes for w in sizes]
+
+
+def _takes(model: str, size: int) -> bool:
+    from ...models import check_resolution
+
+    try:
+        check_resolution(model, size, size)
+    except ConfigError:
+        return False
+    return True
 
 
 def check_shared_dtype(cfg, composed, device: str) -> None:

@@ -126,6 +126,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_SAID: list[str] = []
+
+
 def draw_chart(data: dict, path: Path) -> bool:
     """Bar chart of it/s per variant; False if matplotlib is missing."""
     try:
@@ -134,8 +137,10 @@ def draw_chart(data: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("sd3plugin-bench: matplotlib not installed, no chart (pip install matplotlib, or "
-                    "pip install '.[bench]' from a checkout)")
+        if not _SAID:  # the outputs are written after every variant: say it once
+            _SAID.append("matplotlib")
+            log.warning("sd3plugin-bench: matplotlib not installed, no chart (pip install matplotlib, or "
+                        "pip install '.[bench]' from a checkout)")
         return False
     rows = [r for r in data["variants"] if "error" not in r]
     labels = [r["label"] for r in rows]

@@ -10,6 +10,7 @@ import time
 from omegaconf import OmegaConf
 
 from ...errors import ConfigError
+from ..interrupt import raise_if_dropped
 from .options import COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes
 from .variants import run_variant
 
@@ -45,6 +46,7 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
     if not plan:
         raise ConfigError("nothing to measure: bench.eager=false and bench.variants is empty")
     for label, vcfg, ovs in plan:
+        raise_if_dropped()  # a Ctrl-C that Python dropped during the last variant stops here
         log.info("sd3plugin-bench: measuring %s", label)
         try:
             res, ref = run_variant(label, vcfg, bench, base_pipe, master, device, out, eager_ref, folder)
@@ -63,7 +65,9 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
                      res["e2e_seconds"])
         add_ratios(results)
         data = _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results)
+        data["complete"] = False  # until every variant is measured (a crash or Ctrl-C leaves it so)
         write_outputs(data, out, chart=bench.chart, quiet=True)  # partial results survive a crash
+    data["complete"] = True
     write_outputs(data, out, chart=bench.chart)
     written = ", ".join(name for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file())
     print(f"sd3plugin-bench: wrote {written} to {out.resolve()}", flush=True)
