@@ -69,7 +69,11 @@ def run_help() -> str:
     return cli_help("sd3plugin-run", "Generate images with a Stable Diffusion 3 pipeline that sd3plugin compiles. "
                     "The images, report.md and report.json go to output_dir (by default outputs/DATE/TIME); the "
                     "command ends with a summary naming them. A config mistake ends with one line and exit code 2, "
-                    "before anything loads.")
+                    "before anything loads.",
+                    extra=[("several GPUs for one image (docs/parallel.md)", [
+                        ("parallel=PRESET", "xDiT (pip install \"sd3plugin[parallel]\"): sd3plugin-run checks the GPUs, "
+                         "then starts one process per GPU with torch.distributed.run; too few GPUs: one line, exit 2"),
+                        ("parallel.launch=print", "print that torch.distributed.run command instead of running it")])])
 
 
 def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_text=run_help) -> None:
@@ -151,13 +155,35 @@ def _task(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         check_hardware(cfg)  # before building or loading anything
+        if _parallel_rank(cfg):
+            from .parallel_run import generate_parallel
+
+            generate_parallel(cfg)
+            return
         generate(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
+def _parallel_rank(cfg: DictConfig) -> bool:
+    """True in a rank of a parallel run; a parallel config outside one (``-m`` sweeps) is a ConfigError."""
+    from ..config.parallel import is_parallel, label
+    from .parallel_launch import in_rank
+
+    if not is_parallel(cfg):
+        return False
+    if not in_rank():
+        raise ConfigError(f"{label(cfg.parallel)} starts its ranks from a single sd3plugin-run command; "
+                          "-m sweeps over a parallel preset are not supported: run one command per value")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .parallel_launch import maybe_launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    maybe_launch(argv)  # parallel=...: starts the ranks (this process becomes torch.distributed.run)
     run_hydra(_task, argv)
 
 
