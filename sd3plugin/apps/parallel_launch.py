@@ -12,15 +12,10 @@ import os
 import shlex
 import sys
 
+from ..config.parallel import in_rank
 from ..errors import ConfigError
 
-# Set by torch.distributed.run in every rank: this process is a rank, not the launcher.
-RANK_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 _SKIP_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help", "-m", "--multirun")
-
-
-def in_rank() -> bool:
-    return all(var in os.environ for var in RANK_ENV)
 
 
 def launch_command(argv: list[str], nproc: int, python: str | None = None) -> list[str]:

@@ -38,7 +38,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def prevalidate(argv: list[str]) -> None:
+def prevalidate(argv: list[str]) -> DictConfig:
     """Compose the config from the command line once before Hydra runs, to fail early and clearly."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -51,7 +51,7 @@ def prevalidate(argv: list[str]) -> None:
         raise ConfigError(f"cannot parse overrides {' '.join(overrides)!r}: {exc}") from None
     # Sweeps (-m a=1,2) are checked value by value by Hydra; validate the plain overrides here.
     plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-    compose(None, plain)
+    return compose(None, plain)
 
 
 def prepare_argv(argv: list[str], bench: bool = False) -> list[str]:
@@ -90,7 +90,11 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_tex
     try:
         argv = prepare_argv(argv, bench=bench)
         if not any(a in ("--hydra-help", "--info", "-i") for a in argv):
-            prevalidate(argv)
+            cfg = prevalidate(argv)
+            if bench and not any(a in ("--cfg", "-c") for a in argv):  # the benchmark runs one process: a parallel preset is refused before anything loads
+                from ..config.parallel import check_parallel_process
+
+                check_parallel_process(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -167,16 +171,10 @@ def _task(cfg: DictConfig) -> None:
 
 
 def _parallel_rank(cfg: DictConfig) -> bool:
-    """True in a rank of a parallel run; a parallel config outside one (``-m`` sweeps) is a ConfigError."""
-    from ..config.parallel import is_parallel, label
-    from .parallel_launch import in_rank
+    """True in a rank of a parallel run (check_hardware refused a parallel config anywhere else)."""
+    from ..config.parallel import is_parallel
 
-    if not is_parallel(cfg):
-        return False
-    if not in_rank():
-        raise ConfigError(f"{label(cfg.parallel)} starts its ranks from a single sd3plugin-run command; "
-                          "-m sweeps over a parallel preset are not supported: run one command per value")
-    return True
+    return is_parallel(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

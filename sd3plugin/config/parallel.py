@@ -122,6 +122,26 @@ def check_parallel_config(cfg) -> None:
                           f"{heads}, or ring parallel (parallel.ring={sp}, parallel.ulysses=1)")
 
 
+# Set by torch.distributed.run in every rank it starts.
+RANK_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def in_rank() -> bool:
+    """Whether this process is a rank that torch.distributed.run started."""
+    import os
+
+    return all(var in os.environ for var in RANK_ENV)
+
+
+def check_parallel_process(cfg) -> None:
+    """A parallel config runs only in the ranks ``sd3plugin-run`` starts: elsewhere (sd3plugin-bench,
+    sd3plugin-cache, the Python API, ``-m`` sweeps) one line with the fix."""
+    if is_parallel(cfg) and not in_rank():
+        what = label(cfg.parallel)
+        raise ConfigError(f"{what} runs as one process per GPU, which only `sd3plugin-run {what}` starts (not "
+                          "-m sweeps, sd3plugin-bench, sd3plugin-cache or the Python API); use parallel=none here")
+
+
 def check_parallel_gpus(cfg, gpus: int) -> None:
     """The machine must have the world size's GPUs: one line naming what is missing (exit 2)."""
     if not is_parallel(cfg):
