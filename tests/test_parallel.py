@@ -152,7 +152,9 @@ def test_each_change_xdit_does_not_keep_has_its_line():
     assert lines["attention"].startswith("attention=fa4: not kept under parallel=ulysses2")
     assert lines["backend"].startswith("backend=nexfort: not kept") and "backend=inductor" in lines["backend"]
     assert lines["mode.spec"].startswith("mode token cudagraphs: not kept under parallel=ulysses2")
-    assert [a.key for a in adjustments(compose(overrides=["parallel=cfg2", "mode=O3"]))] == ["fuse_qkv"]
+    assert [a.key for a in adjustments(compose(overrides=["parallel=cfg2", "mode=max-speed"]))] == [
+        "fuse_qkv", "mode.spec"]
+    assert [a.key for a in adjustments(compose(overrides=["parallel=cfg2", "mode=default"]))] == ["fuse_qkv"]
     assert adjustments(compose(overrides=["parallel=cfg2", "fuse_qkv=false"])) == []
     assert adjustments(compose(overrides=["attention=fa4"])) == []  # one process keeps everything
 

@@ -165,7 +165,7 @@ class Adjustment:
 def adjustments(cfg) -> list[Adjustment]:
     """The plugin changes a parallel run drops (each with its one line), in key order. Kept, and so not
     listed: regional compile (inductor), the GELU epilogue, quantization (fp8/int8 Linear weights), the
-    VAE's memory format and ``compile_vae``, CUDA graphs under CFG parallel alone."""
+    VAE's memory format and ``compile_vae``."""
     if not is_parallel(cfg):
         return []
     from .modes import parse_mode  # pure: the token table
@@ -181,13 +181,13 @@ def adjustments(cfg) -> list[Adjustment]:
         out.append(Adjustment("attention", "sdpa", f"attention={cfg.attention}: not kept under {what}: xDiT "
                               "replaces every joint attention processor with its own (Ulysses / ring attention "
                               "through yunchang, its own kernel choice within a GPU); use attention=auto"))
-    sequence_split = int(cfg.parallel.ulysses) * int(cfg.parallel.ring) * int(cfg.parallel.pipefusion) > 1
     tokens = parse_mode(cfg.mode.spec)
-    if sequence_split and "cudagraphs" in tokens:
+    if "cudagraphs" in tokens:
         spec = ":".join(t for t in tokens if t != "cudagraphs")
-        out.append(Adjustment("mode.spec", spec, f"mode token cudagraphs: not kept under {what}: the transformer "
-                              "exchanges tensors between GPUs inside each step (all-to-all, ring, pipeline "
-                              "patches), which a replayed CUDA graph would not redo; kept with CFG parallel alone"))
+        out.append(Adjustment("mode.spec", spec, f"mode token cudagraphs: not kept under {what}: the plugin "
+                              "captures the whole transformer step around the transformer's own forward, which "
+                              "xDiT's wrapper replaces (and sequence parallel exchanges tensors between GPUs "
+                              "inside the step)"))
     return out
 
 
