@@ -144,6 +144,41 @@ def test_sd3plugin_run_refuses_a_parallel_preset_without_the_gpus_before_anythin
     assert not (tmp_path / "cache").exists() and not (tmp_path / "outputs").exists()  # nothing loaded or written
 
 
+def test_a_rank_checks_its_world_and_the_machine_before_loading(in_a_rank, monkeypatch):
+    from sd3plugin.apps import parallel_launch
+    from sd3plugin.apps.parallel_run import check_rank
+
+    cfg = compose(overrides=["parallel=cfg2"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"^parallel=cfg2 needs 2 processes but torch.distributed.run started 1; "
+                                          r"start it with --nproc-per-node=2"):
+        check_rank(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(parallel_launch, "gpu_count", lambda: 1)
+    with pytest.raises(ConfigError, match="needs 2 CUDA GPUs .* but this machine has 1 CUDA GPU"):
+        check_rank(cfg)
+    monkeypatch.setattr(parallel_launch, "gpu_count", lambda: 2)
+    monkeypatch.setattr("sd3plugin.compat.xfuser.unavailable", lambda: "xfuser is not installed (xfuser)")
+    with pytest.raises(ConfigError) as err:
+        check_rank(cfg)
+    assert str(err.value) == ('parallel=cfg2 runs through xDiT but xfuser is not installed (xfuser); '
+                              'pip install "sd3plugin[parallel]" (xfuser 0.7)')
+
+
+@pytest.mark.slow
+def test_the_ranks_run_as_torchrun_runs_them_and_a_failure_is_one_line(capfd):
+    from sd3plugin.apps.parallel_launch import run_ranks
+
+    program = ("import os, sys; assert os.environ['WORLD_SIZE'] == '2' and 'TORCHELASTIC_RUN_ID' in os.environ; "
+               "print('rank', os.environ['RANK']); sys.exit(int(sys.argv[1]) if os.environ['RANK'] == '1' else 0)")
+    assert run_ranks(2, ["-c", program, "0"]) == 0
+    assert sorted(capfd.readouterr().out.split()) == ["0", "1", "rank", "rank"]
+    assert run_ranks(2, ["-c", program, "2"]) == 2  # a ConfigError: the rank said it
+    assert capfd.readouterr().err.strip() == ""
+    assert run_ranks(2, ["-c", program, "3"]) == 3
+    assert capfd.readouterr().err.strip().splitlines() == ["error: rank 1 of 2 ended with exit code 3; its output is above"]
+
+
 def test_each_change_xdit_does_not_keep_has_its_line():
     cfg = compose(overrides=["parallel=ulysses2", "mode=O3", "attention=fa4", "backend=nexfort"])
     lines = {a.key: a.line for a in adjustments(cfg)}

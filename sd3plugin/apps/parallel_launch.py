@@ -2,13 +2,13 @@
 
 Before anything loads: the config composes (a mistake is one line, exit 2), the machine has the world size's
 CUDA GPUs and xfuser imports (else one line, exit 2), each plugin change xDiT's path does not keep is named
-(one ``note:`` line each). Then this process becomes ``python -m torch.distributed.run --standalone
---nproc-per-node=N -m sd3plugin.apps.run ARGS...``: each rank runs sd3plugin-run again with the same
-arguments and takes the parallel path (``parallel_run.generate_parallel``).
+(one ``note:`` line each). Then this process starts the ranks as ``python -m torch.distributed.run
+--standalone --nproc-per-node=N -m sd3plugin.apps.run ARGS...`` does (torch's elastic launcher, in this
+process) and waits for them: each rank runs sd3plugin-run again with the same arguments and takes the parallel
+path (``parallel_run.generate_parallel``). The exit code is the first failing rank's.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
@@ -81,6 +81,21 @@ def maybe_launch(argv: list[str]) -> None:
         sys.exit(2)
     for adj in adjustments(cfg):
         print(f"note: {adj.line}", file=sys.stderr)
-    print(f"sd3plugin-run: starting {world_size(cfg.parallel)} ranks: {shlex.join(cmd)}", file=sys.stderr,
-          flush=True)
-    os.execv(cmd[0], cmd)
+    nproc = world_size(cfg.parallel)
+    print(f"sd3plugin-run: starting {nproc} ranks, as: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    sys.exit(run_ranks(nproc, cmd[5:]))
+
+
+def run_ranks(nproc: int, args: list[str], program: str | None = None) -> int:
+    """Run ``program args`` (default: this Python) as ``nproc`` ranks; the exit code for the launcher. A rank's
+    own error is its one line (rank 0 prints a ConfigError); a failure without one gets a line here."""
+    from ..compat.torch_launch import launch_local_ranks
+
+    failures = launch_local_ranks(nproc, program or sys.executable, args)
+    if not failures:
+        return 0
+    rank, code = (0, failures[0]) if 0 in failures else min(failures.items())
+    if code != 2:  # 2: a ConfigError, already said by rank 0
+        how = f"was stopped by signal {-code}" if code < 0 else f"ended with exit code {code}"
+        print(f"error: rank {rank} of {nproc} {how}; its output is above", file=sys.stderr)
+    return code if code > 0 else 1

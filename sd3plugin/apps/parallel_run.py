@@ -21,6 +21,20 @@ def effective_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     return out, lines
 
 
+def check_rank(cfg: DictConfig) -> None:
+    """Before anything loads in a rank: as many ranks as the preset needs, the GPUs, xfuser (ConfigError)."""
+    from ..config.parallel import label, world_size
+    from ..errors import ConfigError
+    from .parallel_launch import check_machine
+
+    need, got = world_size(cfg.parallel), int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if got != need:
+        raise ConfigError(f"{label(cfg.parallel)} needs {need} processes but torch.distributed.run started {got}; "
+                          f"start it with --nproc-per-node={need}, or let `sd3plugin-run {label(cfg.parallel)}` "
+                          "start it")
+    check_machine(cfg)
+
+
 def generate_parallel(cfg: DictConfig) -> dict | None:
     import torch
 
@@ -33,6 +47,7 @@ def generate_parallel(cfg: DictConfig) -> dict | None:
     from .metrics import StepTimer, peak_memory_gib, reset_peak_memory
     from .run_report import image_paths, save_images, summary, versions, write_reports
 
+    check_rank(cfg)
     local_rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
     run_cfg, notes = effective_config(cfg)

@@ -7,6 +7,7 @@ errors end with one message and exit code 2, before any model loads.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -166,8 +167,16 @@ def _task(cfg: DictConfig) -> None:
             return
         generate(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not _quiet_rank(cfg):
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _quiet_rank(cfg: DictConfig) -> bool:
+    """A rank other than 0 of a parallel run: rank 0 says the (same) config error, the others only exit."""
+    from ..config.parallel import in_rank, is_parallel
+
+    return is_parallel(cfg) and in_rank() and os.environ.get("RANK", "0") != "0"
 
 
 def _parallel_rank(cfg: DictConfig) -> bool:
