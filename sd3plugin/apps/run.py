@@ -73,7 +73,7 @@ def run_help() -> str:
                     "before anything loads.",
                     extra=[("several GPUs for one image (docs/parallel.md)", [
                         ("parallel=PRESET", "xDiT (pip install \"sd3plugin[parallel]\"): sd3plugin-run checks the GPUs, "
-                         "then starts one process per GPU with torch.distributed.run; too few GPUs: one line, exit 2"),
+                         "then starts one process per GPU as torch.distributed.run does; too few GPUs: one line, exit 2"),
                         ("parallel.launch=print", "print that torch.distributed.run command instead of running it")])])
 
 
@@ -92,7 +92,7 @@ def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_tex
         argv = prepare_argv(argv, bench=bench)
         if not any(a in ("--hydra-help", "--info", "-i") for a in argv):
             cfg = prevalidate(argv)
-            if bench and not any(a in ("--cfg", "-c") for a in argv):  # the benchmark runs one process: a parallel preset is refused before anything loads
+            if bench and not any(a in ("--cfg", "-c") for a in argv):  # one process: refuse a parallel preset
                 from ..config.parallel import check_parallel_process
 
                 check_parallel_process(cfg)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     from .parallel_launch import maybe_launch
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    maybe_launch(argv)  # parallel=...: starts the ranks (this process becomes torch.distributed.run)
+    maybe_launch(argv)  # parallel=...: starts the ranks, waits for them and exits
     run_hydra(_task, argv)
 
 
