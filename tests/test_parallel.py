@@ -176,7 +176,8 @@ def test_the_ranks_run_as_torchrun_runs_them_and_a_failure_is_one_line(capfd):
     assert run_ranks(2, ["-c", program, "2"]) == 2  # a ConfigError: the rank said it
     assert capfd.readouterr().err.strip() == ""
     assert run_ranks(2, ["-c", program, "3"]) == 3
-    assert capfd.readouterr().err.strip().splitlines() == ["error: rank 1 of 2 ended with exit code 3; its output is above"]
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "error: rank 1 of 2 ended with exit code 3; its output is above"]
 
 
 def test_each_change_xdit_does_not_keep_has_its_line():

@@ -72,8 +72,9 @@ def run_help() -> str:
                     "command ends with a summary naming them. A config mistake ends with one line and exit code 2, "
                     "before anything loads.",
                     extra=[("several GPUs for one image (docs/parallel.md)", [
-                        ("parallel=PRESET", "xDiT (pip install \"sd3plugin[parallel]\"): sd3plugin-run checks the GPUs, "
-                         "then starts one process per GPU as torch.distributed.run does; too few GPUs: one line, exit 2"),
+                        ("parallel=PRESET", "xDiT (pip install \"sd3plugin[parallel]\"): sd3plugin-run checks the "
+                         "GPUs, then starts one process per GPU as torch.distributed.run does; too few GPUs: one "
+                         "line, exit 2"),
                         ("parallel.launch=print", "print that torch.distributed.run command instead of running it")])])
 
 
