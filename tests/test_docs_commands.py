@@ -213,6 +213,9 @@ RUNS: dict[str, Runs] = {
     # docs/onediff-users.md, meant for the nexfort environment: in the main one it falls back to eager and says so
     "sd3plugin-run backend=nexfort mode=max-autotune": Runs(
         files=RUN_OUTPUTS, says=("backend: eager (fallback to eager: backend='nexfort' cannot run here",)),
+    # docs/parallel.md: prints the torch.distributed.run command without checking the GPUs
+    "sd3plugin-run parallel=cfg2 parallel.launch=print": Runs(
+        says=("-m torch.distributed.run --standalone --nproc-per-node=2 -m sd3plugin.apps.run parallel=cfg2",)),
     "python -m sd3plugin.config.modes_table": Runs(says=("| `max-optimize` | enable all graph optimizations |",)),
 }
 
@@ -222,6 +225,8 @@ REFUSES: dict[str, Refuses] = {
         2, "is neither a folder with model_index.json nor a reachable Hub id"),
     "sd3plugin-run model=sd3-medium dynamic=true height=768 width=1344": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-run quant=fp8_e4m3_e4m3_dynamic": FP8_ON_CPU,
+    "sd3plugin-run parallel=cfg2 model=sd3-medium height=1024 width=1024": Refuses(
+        2, "parallel=cfg2 needs 2 CUDA GPUs (one process each) but this machine has no CUDA GPU"),
     "sd3plugin-cache warm model=sd3-medium --resolutions 1024x1024,768x1344": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-cache warm model=sd3-medium --resolutions 1024x1024,768x1344 --batch-sizes 1": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-bench model=sd3-medium dtype=bfloat16 \"bench.variants='fast=mode=max-speed; "
@@ -286,6 +291,7 @@ SKIPPED: dict[str, str] = {  # a stable substring of the command -> why the test
     "python -m pytest": "the test suite itself (.ci/run runs it)",
     "scripts/attn_bench.py": "GPU benchmark of the attention kernels",
     "scripts/gpu_bench.sh": "GPU benchmarks (the device machine)",
+    "scripts/parallel_bench.sh": "GPU benchmark on two GPUs (the nvidia-h200-x2 device machine)",
     "scripts/nexfort-env.sh": "builds the torch 2.4 nexfort environment (about 3 GB of downloads; "
                               "scripts/ci-nexfort.sh in .ci/run builds and tests it)",
     ". .venv-nexfort/bin/activate": "activates the nexfort environment of the line before",

@@ -17,11 +17,12 @@ EXPECTED_COMPILE_KEYS = {
     "quant.type", "quant.submodules_config_path", "quant.top_percentage", "quant.include", "quant.exclude",
     "backend_options", "fuse_qkv", "fuse_gelu", "attention", "joint_attention", "compile_vae",
     "lora_hotswap_rank", "device", "dtype",
+    "parallel.cfg", "parallel.ulysses", "parallel.ring", "parallel.pipefusion", "parallel.patches",
 }
 EXPECTED_RUN_KEYS = {
     "mode.name", "mode.description", "cache_dir", "on_error", "fa4_prewarm", "keep_coordesc", "precompiled", "prompt",
     "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "num_images", "output_dir",
-    "image_path",
+    "image_path", "parallel.name", "parallel.launch",
 }
 FIELDS = dict(leaf_fields())
 TABLES = {"quant.type": QUANT_TYPES, "backend": BACKENDS, "model": ("sd3-medium", "a/hub-id")}
@@ -73,7 +74,8 @@ def _changed(cfg, key, alt):
 
 @pytest.mark.parametrize("key", sorted(EXPECTED_COMPILE_KEYS))
 def test_each_compile_key_changes_the_fingerprint(key, gpu_visible):
-    cfg = compose()
+    # A parallel key counts once the run is parallel (one process keeps the fingerprints it had before).
+    cfg = compose(overrides=["parallel=pipefusion2"] if key.startswith("parallel.") else [])
     base = fingerprint(cfg)
     value = OmegaConf.select(cfg, key)
     results = {str(alt): fingerprint(_changed(cfg, key, alt)) for alt in _alternatives(key, value)}

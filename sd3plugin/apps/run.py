@@ -10,6 +10,7 @@ folder of its own (``run_folder``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -60,7 +61,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def prevalidate(argv: list[str]):
+def prevalidate(argv: list[str]) -> DictConfig:
     """Compose the config from the command line once before Hydra runs, to fail early and clearly; return it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -91,7 +92,12 @@ def run_help() -> str:
     return cli_help("sd3plugin-run", "Generate images with a Stable Diffusion 3 pipeline that sd3plugin compiles. "
                     "The images, report.md and report.json go to output_dir (by default outputs/DATE/TIME); the "
                     "command ends with a summary naming them. A config mistake ends with one line and exit code 2, "
-                    "before anything loads.")
+                    "before anything loads.",
+                    extra=[("several GPUs for one image (docs/parallel.md)", [
+                        ("parallel=PRESET", "xDiT (pip install \"sd3plugin[parallel]\"): sd3plugin-run checks the "
+                         "GPUs, then starts one process per GPU as torch.distributed.run does; too few GPUs: one "
+                         "line, exit 2"),
+                        ("parallel.launch=print", "print that torch.distributed.run command instead of running it")])])
 
 
 def run_hydra(task, argv: list[str] | None = None, bench: bool = False, help_text=run_help) -> None:
@@ -125,6 +131,10 @@ def _run_hydra(task, argv, bench, help_text, prog) -> None:
         if not any(a in ("--hydra-help", "--info", "-i") for a in argv):
             cfg = prevalidate(argv)
             _, multirun = split_overrides(argv)
+            if bench and not any(a in ("--cfg", "-c") for a in argv):  # one process: refuse a parallel preset
+                from ..config.parallel import check_parallel_process
+
+                check_parallel_process(cfg)
             if not any(a in ("--cfg", "-c") for a in argv):
                 check_run_outputs(cfg, image=not bench)
             argv = folder_overrides(argv, cfg, multirun)
@@ -253,14 +263,39 @@ def _task(cfg: DictConfig) -> None:
         validate(cfg)
         check_run_outputs(cfg)  # a swept output_dir / image_path / cache_dir is checked here
         check_hardware(cfg)  # before building or loading anything
+        if _parallel_rank(cfg):
+            from .parallel_run import generate_parallel
+
+            generate_parallel(cfg)
+            return
         generate(cfg)
     except ConfigError as exc:
+        if _quiet_rank(cfg):
+            sys.exit(EXIT["usage"])
         fail(exc, "usage")
     except NotWritableError as exc:
         fail(exc, "cannot_write")
 
 
+def _quiet_rank(cfg: DictConfig) -> bool:
+    """A rank other than 0 of a parallel run: rank 0 says the (same) config error, the others only exit."""
+    from ..config.parallel import in_rank, is_parallel
+
+    return is_parallel(cfg) and in_rank() and os.environ.get("RANK", "0") != "0"
+
+
+def _parallel_rank(cfg: DictConfig) -> bool:
+    """True in a rank of a parallel run (check_hardware refused a parallel config anywhere else)."""
+    from ..config.parallel import is_parallel
+
+    return is_parallel(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .parallel_launch import maybe_launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    maybe_launch(argv)  # parallel=...: starts the ranks, waits for them and exits
     run_hydra(_task, argv)
 
 

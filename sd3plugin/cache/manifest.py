@@ -15,6 +15,7 @@ from enum import Enum
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config.resolve import resolve_device, resolve_dtype
+from ..config.parallel import fingerprint_component
 from ..config.schema import compile_keys
 
 # Environment keys that must match for compiled artefacts to load; the rest only warn.
@@ -135,6 +136,10 @@ def compile_config(cfg, arch: dict | None = None) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = _plain(OmegaConf.select(cfg, key, default=None))
+    out.pop("parallel", None)
+    parallel = fingerprint_component(cfg) if "parallel" in cfg else None
+    if parallel is not None:  # one process: no parallel part, as before the group existed
+        out["parallel"] = parallel
     out["architecture"] = arch if arch is not None else architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device

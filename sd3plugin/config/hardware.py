@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import ConfigError
+from .parallel import check_parallel_process
 from .quant_presets import fix_hint, needs_gpu_message, quant_preset
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have fp8 tensor cores
@@ -48,5 +49,7 @@ def check_hardware(cfg_or_plan, device: Optional[str] = None) -> str:
     from .resolve import resolve_device
 
     device = str(device if device is not None else getattr(cfg_or_plan, "device", "auto"))
+    if getattr(cfg_or_plan, "parallel", None) is not None:
+        check_parallel_process(cfg_or_plan)  # a parallel config outside the ranks sd3plugin-run starts
     check_quant_device(_quant_type(cfg_or_plan), device)  # first: its message names the quant fix
     return resolve_device(device)

@@ -84,6 +84,20 @@ class QuantConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """One image on several GPUs through xDiT (docs/parallel.md); the world size is
+    ``(2 if cfg) x ulysses x ring x pipefusion``, 1 (``parallel=none``): one process, no xDiT."""
+
+    name: str = run_field("none")
+    cfg: bool = compile_field(False)
+    ulysses: int = compile_field(1)
+    ring: int = compile_field(1)
+    pipefusion: int = compile_field(1)
+    patches: Optional[int] = compile_field(None)  # PipeFusion's patch count (None: one per stage)
+    launch: str = run_field("auto")  # auto: start the ranks | print: print the command that does
+
+
+@dataclass
 class SD3PluginConfig:
     model: str = compile_field("tiny")
     backend: str = compile_field("auto")  # one of BACKENDS (a plugin may add one): checked by validate()
@@ -91,6 +105,7 @@ class SD3PluginConfig:
     memory_format: MemoryFormatConfig = group_field(MemoryFormatConfig)
     dynamic: DynamicConfig = group_field(DynamicConfig)
     quant: QuantConfig = group_field(QuantConfig)
+    parallel: ParallelConfig = group_field(ParallelConfig)
     # Extra options handed to the backend as they are (inductor config keys, nexfort options).
     backend_options: dict[str, Any] = compile_field(default_factory=dict)
     fuse_qkv: bool = compile_field(True)

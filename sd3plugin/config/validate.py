@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from . import schema
 from .choices import ATTENTION_KERNELS, DEVICES, DTYPES, MEMORY_FORMATS, ON_ERROR
 from .modes import parse_mode
+from .parallel import check_parallel_config
 from .quant_presets import check_quant_config
 
 # Boolean keys whose default an environment variable sets (``VAR=0`` turns them off).
@@ -61,6 +62,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"lora_hotswap_rank={rank} must be at least 1 (the largest LoRA rank to hot-swap), "
                           "or null to turn hot-swapping off")
     _check_env_switches(cfg)
+    if "parallel" in cfg:
+        check_parallel_config(cfg)
     from ..models import check_resolution  # lazy: models sits above config; the check reads tables only
 
     check_resolution(cfg.model, cfg.height, cfg.width)
