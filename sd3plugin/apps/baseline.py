@@ -37,8 +37,9 @@ def _weight_files(folder: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
-def set_page_cache(folder: str, state: str) -> dict:
-    """Put the model folder's files in the page cache (``warm``) or out of it (``dropped``); what was done."""
+def set_page_cache(folder: str, state: str, whole_machine: bool = True) -> dict:
+    """Put the model folder's files in the page cache (``warm``) or out of it (``dropped``); what was done.
+    ``whole_machine=False``: never write ``drop_caches`` (only this folder's files are evicted)."""
     files = _weight_files(folder)
     started = time.perf_counter()
     if state == "warm":
@@ -50,9 +51,10 @@ def set_page_cache(folder: str, state: str) -> dict:
     elif state == "dropped":
         how = "posix_fadvise DONTNEED"
         try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            how = "drop_caches"
+            if whole_machine:
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                how = "drop_caches"
         except OSError:
             pass
         if how != "drop_caches":

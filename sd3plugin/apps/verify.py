@@ -195,6 +195,7 @@ def _child(payload: dict) -> dict:
             "import_seconds": round(imported - _T_START, 3), "load_seconds": round(t2 - t1, 3),
             "first_image_seconds": round(t3 - t2, 3), "steady_image_seconds": steady,
             "model_build_seconds": round(build, 3),
+            "phases": startup["phases"], "other_seconds": startup["other_seconds"],
             "autotuned_kernels": first.get("autotuned_kernels", 0),
             "coordesc_benchmarks": first.get("coordesc_benchmarks", 0),
             "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
