@@ -179,7 +179,9 @@ def test_verify_baseline_starts_plain_diffusers_and_names_every_second(shipped, 
     residual = phases["from_pretrained_other_seconds"] + phases["load_pipeline_other_seconds"] + \
         phases["first_image_other_seconds"]
     assert residual < 0.1 * data["process_to_first_image_seconds"]
-    assert "baseline (plain diffusers, eager)" in text and "ratio" in text and "package_seconds" in text
+    text = __import__("sd3plugin.cli.cmd_verify", fromlist=["x"]).summary(data, cold=False, code=0)
+    assert "baseline (plain diffusers, eager)" in text and f"ratio {data['ratio']:.2f}" in text
+    assert f"package_seconds {data['package_seconds']:.2f}" in text and "unnamed" in text
 
 
 @needs_megacache
