@@ -15,6 +15,12 @@ def add_parser(sub):
     p.add_argument("--cold", action="store_true",
                    help="the reference: same measurement compiling into empty caches (no cache needed, "
                         "compilations expected, exit 0)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also start plain diffusers (eager) in a fresh process the same way; report its "
+                        "breakdown, the ratio ours/baseline and the plugin's own share (package_seconds)")
+    p.add_argument("--page-cache", choices=("warm", "dropped"),
+                   help="read the model's files into the page cache (warm) or evict them (dropped) before "
+                        "each process (default: as found)")
     return add_common(p)
 
 
@@ -47,7 +53,8 @@ def run(args) -> int:
             first["batch_size"] = args.batch_size
         shape = first
     try:
-        result = verify(cfg, args.overrides, shape=shape, steps=args.steps, timeout=args.timeout, cold=args.cold)
+        result = verify(cfg, args.overrides, shape=shape, steps=args.steps, timeout=args.timeout, cold=args.cold,
+                        baseline=args.baseline, page_cache=args.page_cache)
         code = 0
     except NothingCompiledError as exc:
         if not hasattr(exc, "result"):
@@ -102,4 +109,8 @@ def summary(result: dict, cold: bool, code: int) -> str:
         text += (f"; {result['coordesc_tuning_benchmarks']} Triton kernel benchmarks of coordinate-descent "
                  f"tuning ran again ({why}; a mode without max-optimize avoids them)")
     line = summary_line(result.get("startup") or {})
+    if result.get("baseline"):
+        from sd3plugin.apps.baseline import summary_text
+
+        line = (line + "\n" if line else "") + summary_text(result)
     return text + ("\n" + line if line else "")

@@ -130,4 +130,6 @@ def summary_line(startup: dict) -> str:
     if img:
         parts.append(f"first image: text {img.get('text_encoding_seconds', 0):.1f} s, denoising "
                      f"{img.get('denoising_seconds', 0):.1f} s, VAE {img.get('vae_seconds', 0):.1f} s")
+    if "other_seconds" in startup:
+        parts.append(f"unnamed {startup['other_seconds']:.2f} s")
     return "start-up: " + "; ".join(parts) if parts else ""

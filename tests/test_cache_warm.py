@@ -150,6 +150,40 @@ def test_warm_start_from_the_installed_cache_compiles_nothing_and_is_faster(ship
         assert "precompiled blocks used" in text
 
 
+def test_verify_baseline_starts_plain_diffusers_and_names_every_second(shipped, capsys):
+    """--baseline: plain diffusers (eager, no sd3plugin) started the same way; ratio from the two measured
+    totals; every second of our start in a named phase (docs/cache.md, start-up breakdown)."""
+    root, _, _, _, model_folder = shipped
+    code, data, text = _cli(capsys, "verify", "--baseline", "--page-cache", "warm", "--cache-dir", str(root),
+                            "--json", f"model={model_folder}", *RUN)
+    assert code == 0 and data["exit_code"] == 0, text
+    base = data["baseline"]
+    assert base["images"] == 1 and base["steps"] == data["steps"] == 2
+    assert "sd3plugin" not in [r["module"] for r in base["startup"]["imports"]["top"]]
+    assert "torch" in [r["module"] for r in base["startup"]["imports"]["top"]]
+    assert data["ratio"] == round(data["process_to_first_image_seconds"] / base["process_to_first_image_seconds"], 3)
+    share = data["package_breakdown"]
+    expected = (share["process_to_first_image_seconds"] - share["imports_torch_diffusers_transformers_seconds"]
+                - share["component_loads_seconds"] - share["steady_image_seconds"])
+    assert data["package_seconds"] == pytest.approx(max(expected, 0), abs=2e-3)
+    assert share["imports_torch_diffusers_transformers_seconds"] > 0 and share["steady_image_seconds"] > 0
+    assert data["page_cache"]["state"] == "warm" and data["page_cache"]["files"] > 5
+    assert data["autotuned_kernels"] == 0 and data["coordesc_benchmarks"] == 0  # a warm start never tunes
+    for result in (data, base):  # the named phases add up to the start: the unnamed rest is small
+        total = result["process_to_first_image_seconds"]
+        assert {"imports_seconds", "text_encoding_seconds", "denoising_seconds", "vae_seconds"} <= set(result["phases"])
+        assert sum(result["phases"].values()) + result["other_seconds"] == pytest.approx(total, abs=0.05)
+        assert abs(result["other_seconds"]) < 0.05 * total
+    phases = data["phases"]
+    assert phases["load_transformer_seconds"] > 0 and "optimize_seconds" in phases
+    residual = phases["from_pretrained_other_seconds"] + phases["load_pipeline_other_seconds"] + \
+        phases["first_image_other_seconds"]
+    assert residual < 0.1 * data["process_to_first_image_seconds"]
+    text = __import__("sd3plugin.cli.cmd_verify", fromlist=["x"]).summary(data, cold=False, code=0)
+    assert "baseline (plain diffusers, eager)" in text and f"ratio {data['ratio']:.2f}" in text
+    assert f"package_seconds {data['package_seconds']:.2f}" in text and "unnamed" in text
+
+
 @needs_megacache
 def test_activate_loads_an_installed_cache_once_per_process(shipped):
     root = shipped[0]

@@ -71,3 +71,34 @@ def test_report_splits_the_first_image_of_a_compiled_pipeline(tiny_path, cache_d
     assert sd3plugin.report(pipe)["startup"]["first_image"] == image
     sd3plugin.undo(pipe)
     assert "encode_prompt" not in pipe.__dict__ and "decode" not in pipe.vae.__dict__
+
+
+def test_baseline_ratio_and_package_share_come_from_the_measured_totals():
+    from sd3plugin.apps.baseline import compare, summary_text
+
+    ours = {"process_to_first_image_seconds": 20.0, "steady_image_seconds": 1.5,
+            "startup": {"imports": {"top": [{"module": "torch", "seconds": 7.0}, {"module": "sympy", "seconds": 1.9},
+                                            {"module": "diffusers", "seconds": 1.0},
+                                            {"module": "transformers", "seconds": 1.2}]},
+                        "load": {"components": {"transformer": 2.0, "text_encoder_3": 1.9}}}}
+    base = {"process_to_first_image_seconds": 25.0, "import_seconds": 9.0, "load_seconds": 8.0,
+            "first_image_seconds": 3.0}
+    got = compare(ours, base)
+    assert got["ratio"] == 0.8
+    # 20 - (7 + 1 + 1.2 imports of torch/diffusers/transformers) - 3.9 weights - 1.5 image: sympy is ours
+    assert got["package_seconds"] == 5.4
+    assert got["package_breakdown"]["imports_torch_diffusers_transformers_seconds"] == 9.2
+    line = summary_text({**ours, **got, "baseline": base, "page_cache": {"state": "dropped"}})
+    assert "ratio 0.80" in line and "package_seconds 5.40" in line and "page cache dropped" in line
+
+
+def test_page_cache_states_touch_only_the_model_folder(tmp_path):
+    from sd3plugin.apps.baseline import set_page_cache
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "w.safetensors").write_bytes(b"x" * 4096)
+    (tmp_path / "model_index.json").write_text("{}")
+    assert set_page_cache(str(tmp_path), "warm")["files"] == 2
+    dropped = set_page_cache(str(tmp_path), "dropped", whole_machine=False)
+    assert dropped == {**dropped, "state": "dropped", "files": 2, "how": "posix_fadvise DONTNEED"}
+    assert (tmp_path / "vae" / "w.safetensors").read_bytes() == b"x" * 4096  # nothing lost

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 _T_START = time.perf_counter()
+_WALL_START = time.time()
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -59,17 +60,46 @@ def default_shape(cfg) -> dict:
 
 
 def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | None = None,
-           timeout: float | None = None, cold: bool = False) -> dict:
+           timeout: float | None = None, cold: bool = False, baseline: bool = False,
+           page_cache: str | None = None) -> dict:
     """Run the warm start in a child process; raise NothingCompiledError if it compiled anything.
 
     ``cold``: the reference to compare with: the child compiles into empty inductor/Triton dirs
     (no entry needed; compilations are expected and not an error).
+    ``baseline``: then start plain diffusers (eager) the same way and add ``baseline``, ``ratio`` and
+    ``package_seconds`` (``apps.baseline``); ``page_cache`` (warm / dropped) is set before each process.
     """
     entry = None if cold else select_entry(cfg)
     if shape is None:
         shape = dict(entry["shapes"][0]) if entry else default_shape(cfg)
     payload = {"overrides": list(overrides), "cache_dir": str(cfg.cache_dir), "shape": shape,
-               "steps": steps, "cold": cold}
+               "steps": steps, "cold": cold, "steady": baseline}
+    from .baseline import baseline_payload, set_page_cache
+
+    base_payload = baseline_payload(cfg, shape, steps)
+    state = set_page_cache(base_payload["folder"], page_cache) if page_cache else None
+    result = _run_child(payload, timeout, entry, cold, shape)
+    if state:
+        result["page_cache"] = state
+    if baseline:
+        from .baseline import compare, run_baseline
+
+        if page_cache:
+            result["baseline_page_cache"] = set_page_cache(base_payload["folder"], page_cache)
+        result["baseline"] = run_baseline(base_payload, timeout)
+        result.update(compare(result, result["baseline"]))
+    if result["fresh_compilations"] and not cold:
+        err = NothingCompiledError(
+            f"the warm start compiled {result['fresh_compilations']} graph(s) (FX-graph cache misses) for "
+            f"{shape['width']}x{shape['height']} batch {shape['batch_size']}; the cache does not cover this "
+            "config/shape or was built with another torch. Warm this shape (--resolutions/--batch-sizes)")
+        err.result = result
+        raise err
+    return result
+
+
+def _run_child(payload: dict, timeout, entry, cold: bool, shape: dict) -> dict:
+    payload = {**payload, "spawned_at": time.time()}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sd3plugin.apps.verify", json.dumps(payload)],
@@ -89,13 +119,6 @@ def verify(cfg, overrides: list[str], shape: dict | None = None, steps: int | No
     if result["status"] != "compiled":
         raise CacheError(f"the pipeline was not compiled in the verify process (status {result['status']}: "
                          f"{result.get('error')})")
-    if result["fresh_compilations"] and not cold:
-        err = NothingCompiledError(
-            f"the warm start compiled {result['fresh_compilations']} graph(s) (FX-graph cache misses) for "
-            f"{shape['width']}x{shape['height']} batch {shape['batch_size']}; the cache does not cover this "
-            "config/shape or was built with another torch. Warm this shape (--resolutions/--batch-sizes)")
-        err.result = result
-        raise err
     return result
 
 
@@ -151,6 +174,7 @@ def _child(payload: dict) -> dict:
     with sd3plugin.enabled(cfg):
         t1 = time.perf_counter()
         pipe = load_pipeline(cfg)
+        loaded = time.perf_counter()
         inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
         before = compile_counters(inductor_dir)
         t2 = time.perf_counter()
@@ -163,6 +187,13 @@ def _child(payload: dict) -> dict:
         images = pipe(**kwargs).images
         synchronize(device)
         t3 = time.perf_counter()
+        steady = None
+        if payload.get("steady"):  # the image itself, after the start: what the first one is compared with
+            kwargs["generator"] = call_kwargs(cfg)["generator"]
+            s = time.perf_counter()
+            pipe(**kwargs)
+            synchronize(device)
+            steady = round(time.perf_counter() - s, 3)
         rep = sd3plugin.report(pipe)
         after = compile_counters(inductor_dir)
     if profile_path:
@@ -174,14 +205,50 @@ def _child(payload: dict) -> dict:
                 "fresh_compilations": after["fresh_compilations"] + new_graphs}
     if cold_dir:
         shutil.rmtree(cold_dir, ignore_errors=True)
+    startup = rep.get("startup", {})
+    interpreter = _WALL_START - payload["spawned_at"] if payload.get("spawned_at") else 0.0
+    marks = {"start": _T_START, "imported": imported, "configured": t0, "built": t0 + build, "hooked": t1,
+             "loaded": loaded, "counted": t2, "imaged": t3}
+    startup["phases"], startup["other_seconds"] = phases(startup, marks, interpreter)
+    first = startup.get("first_call") or {}
     return {"time_to_first_image_seconds": round(t3 - _T_START - build, 3),
+            "process_to_first_image_seconds": round(interpreter + t3 - _T_START - build, 3),
             "import_seconds": round(imported - _T_START, 3), "load_seconds": round(t2 - t1, 3),
-            "first_image_seconds": round(t3 - t2, 3), "model_build_seconds": round(build, 3),
+            "first_image_seconds": round(t3 - t2, 3), "steady_image_seconds": steady,
+            "model_build_seconds": round(build, 3),
+            "phases": startup["phases"], "other_seconds": startup["other_seconds"],
+            "autotuned_kernels": first.get("autotuned_kernels", 0),
+            "coordesc_benchmarks": first.get("coordesc_benchmarks", 0),
             "images": len(images), "shape": shape, "steps": kwargs["num_inference_steps"],
             "status": rep.get("status"), "error": rep.get("error"), "backend": rep.get("backend"),
             "mode": rep.get("mode", {}).get("spec"), "cache": rep.get("cache"),
             "keep_coordesc": rep.get("keep_coordesc", False), "attention": rep.get("attention"),
-            "precompiled": rep.get("precompiled"), "startup": rep.get("startup", {}), **counters}
+            "precompiled": rep.get("precompiled"), "startup": startup, **counters}
+
+
+def phases(startup: dict, m: dict, interpreter: float) -> tuple[dict, float]:
+    """Every second from process start to the first image, named; the rest is ``other`` (returned apart).
+
+    ``m`` holds the child's ``perf_counter`` marks; the hook, ``optimize`` and the first-image timer fill
+    ``startup`` (``load``, ``setup_seconds``, ``first_image``)."""
+    load = startup.get("load") or {}
+    comps = load.get("components") or {}
+    image = startup.get("first_image") or {}
+    named = {"interpreter_seconds": interpreter, "imports_seconds": m["imported"] - m["start"],
+             "config_seconds": m["configured"] - m["imported"], "hook_seconds": m["hooked"] - m["built"]}
+    named.update({f"load_{k}_seconds": v for k, v in comps.items()})
+    from_pretrained = load.get("seconds") or 0.0
+    named["from_pretrained_other_seconds"] = max(from_pretrained - sum(comps.values()), 0.0)
+    named["optimize_seconds"] = startup.get("setup_seconds") or 0.0
+    named["to_device_seconds"] = load.get("to_device_seconds") or 0.0
+    named["load_pipeline_other_seconds"] = max((m["loaded"] - m["hooked"]) - from_pretrained
+                                               - named["optimize_seconds"] - named["to_device_seconds"], 0.0)
+    named["compile_counters_seconds"] = m["counted"] - m["loaded"]
+    for k in ("text_encoding_seconds", "denoising_seconds", "vae_seconds"):
+        named[k] = image.get(k, 0.0)
+    named["first_image_other_seconds"] = max((m["imaged"] - m["counted"]) - sum(image.values()), 0.0)
+    total = interpreter + (m["imaged"] - m["start"]) - (m["built"] - m["configured"])
+    return {k: round(v, 3) for k, v in named.items()}, round(total - sum(named.values()), 3)
 
 
 def _write_profile(profiler, path: str) -> None:
