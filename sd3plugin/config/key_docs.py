@@ -26,6 +26,7 @@ KEY_DOCS: dict[str, str] = {
     "attention": "attention kernel: auto | sdpa | fa4 | int8 | int8_fp8",
     "joint_attention": "with attention=fa4: SD3's joint attention as one op",
     "compile_vae": "compile the VAE decoder too",
+    "compile_text_encoders": "compile the text encoders too (T5-XXL, CLIP)",
     "lora_hotswap_rank": "prepare for hot-swapping LoRAs up to this rank without recompiling",
     "device": "auto (CUDA if visible) | cuda | cpu",
     "dtype": "auto (float16 on CUDA, float32 on CPU, bfloat16 where the quant preset needs it) | float16 | "
