@@ -42,3 +42,20 @@ def test_group_totals_name_every_group():
     assert set(out) == set(step_profile.GROUPS)
     assert out["gemm_fp8"] == {"ms_per_step": 1.75, "calls_per_step": 3}
     assert out["attention"] == {"ms_per_step": 0.0, "calls_per_step": 0}
+
+
+def test_fp8_summary_reads_a_bench_result():
+    """scripts/fp8_summary.py turns a bench.json (here the H100 fp8 run of docs/benchmarks) into the issue's
+    figures: speedup = it/s ratio to eager of the same run, PSNR, E2E, first call, each target met or not."""
+    spec = importlib.util.spec_from_file_location(
+        "fp8_summary", Path(__file__).resolve().parents[1] / "scripts" / "fp8_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import json
+
+    bench = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmarks" /
+                        "h100-sd3-medium-fp8-fa4.json").read_text())
+    out = mod.summarize(bench)
+    assert out["variant"] == "fp8+fa4" and out["speedup"] == pytest.approx(1.643, abs=1e-3)
+    assert out["targets"]["psnr_db"]["met"] is True and out["targets"]["speedup"]["met"] is False
+    assert out["first_call_seconds"] == pytest.approx(79.53, abs=0.01)
