@@ -4,7 +4,7 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | attn | gelu | profile | fp8profile | fp8e2e | e2e16 | attn8 | attn8quant | fa4 | fa4quant | fa3 | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | gelu | profile | fp8profile | fp8act | fp8e2e | e2e16 | attn8 | attn8quant | fa4 | fa4quant | fa3 | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
 # attn, fa4, fa4quant, fa3 and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
 # GPU machine); fa3 (and attn's FA3 rows) need fa3-fwd 0.0.3 on an H100 / H200 with a CUDA 13 torch
@@ -163,6 +163,10 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       run quantrest $COMMON dtype=bfloat16 num_images=2 bench.cache_warmup=false \
         "bench.variants='fp8_weightonly=mode=max-speed quant=fp8_e4m3_e4m3_weightonly; int8=mode=max-speed quant=int8_dynamic'"
       ;;
+    fp8act)  # issue 23: fused activation quantization kernels vs the separate passes, at SD3-medium's shapes
+      mkdir -p "$OUT/fp8act"
+      (cd /tmp && python3 "$OLDPWD/scripts/fp8_act_bench.py" --out "$OUT/h200-fp8-activation-quant.json" | tail -4)
+      ;;
     fp8e2e)  # issue 23: fp8 preset with compiled VAE decoder and text encoders vs bf16 eager, one process
       run fp8e2e $COMMON dtype=bfloat16 num_images=1 bench.cache_warmup=false \
         "bench.variants='fp8+e2e=mode=max-speed quant=fp8_e4m3_e4m3_dynamic compile_vae=true compile_text_encoders=true'"
@@ -179,7 +183,7 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       run vae $COMMON bench.cache_warmup=false bench.quality=false \
         "bench.variants='max-speed+fa4+vae=mode=max-speed attention=fa4 compile_vae=true'"
       ;;
-    *) echo "unknown section $1 (env attn gelu profile fp8profile fp8e2e e2e16 attn8 attn8quant fa4 fa4quant fa3 speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
+    *) echo "unknown section $1 (env attn gelu profile fp8profile fp8act fp8e2e e2e16 attn8 attn8quant fa4 fa4quant fa3 speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
   esac
 }
 
