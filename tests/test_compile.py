@@ -190,26 +190,35 @@ def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
     assert "decode" not in pipe.vae.__dict__ and pipe.vae.decoder._compiled_call_impl is None
 
 
-TEXT_STACKS = ["text_encoder.text_model", "text_encoder_2.text_model", "text_encoder_3.encoder"]
+TEXT_LAYERS = ["text_encoder.text_model.encoder.layers", "text_encoder_2.text_model.encoder.layers",
+               "text_encoder_3.encoder.block"]
+
+
+def _encoder_layers(pipe, name):
+    enc, path = name.split(".", 1)
+    m = getattr(pipe, enc)
+    for part in path.split("."):
+        m = getattr(m, part)
+    return getattr(pipe, enc), list(m)
 
 
 def test_text_encoders_compiled_and_undone(tiny_path, cache_dir):
-    """compile_text_encoders=true compiles each encoder's stack (CLIP text models, T5's encoder) behind a
+    """compile_text_encoders=true compiles each encoder's layers (CLIP's and T5's, regionally) behind a
     guard on the encoder's forward; undo() gives the encoders back as they were (nothing runs here: the
     compilation happens at the first call, tested in the slow lane)."""
     pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
                               overrides=["compile_text_encoders=true", "mode=fast-compile", f"cache_dir={cache_dir}"])
     rep = sd3plugin.report(pipe)
-    assert rep["compiled_modules"][-3:] == TEXT_STACKS and "compile_text_encoders" in rep["transforms"]
-    for name in TEXT_STACKS:
-        enc, stack = name.split(".")
-        assert "forward" in getattr(pipe, enc).__dict__
-        assert getattr(getattr(pipe, enc), stack)._compiled_call_impl is not None
+    assert rep["compiled_modules"][-3:] == TEXT_LAYERS and "compile_text_encoders" in rep["transforms"]
+    for name in TEXT_LAYERS:
+        encoder, layers = _encoder_layers(pipe, name)
+        assert "forward" in encoder.__dict__ and layers
+        assert all(layer._compiled_call_impl is not None for layer in layers)
     sd3plugin.undo(pipe)
-    for name in TEXT_STACKS:
-        enc, stack = name.split(".")
-        assert "forward" not in getattr(pipe, enc).__dict__
-        assert getattr(getattr(pipe, enc), stack)._compiled_call_impl is None
+    for name in TEXT_LAYERS:
+        encoder, layers = _encoder_layers(pipe, name)
+        assert "forward" not in encoder.__dict__
+        assert all(layer._compiled_call_impl is None for layer in layers)
     plain = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
                                overrides=["mode=fast-compile", f"cache_dir={cache_dir}"])
     assert not any(m.startswith("text_encoder") for m in sd3plugin.report(plain)["compiled_modules"])
