@@ -4,7 +4,7 @@ The config is composed and resolved into a ``Plan`` once; then each transform of
 and returns a handle that knows how to remove it (``sd3plugin/transforms/``):
 
     settings -> backend -> fuse_qkv -> attention -> quantize -> fuse_gelu -> memory_format -> lora
-             -> compile (regional, guarded at every call) -> compile_vae
+             -> compile (regional, guarded at every call) -> compile_vae -> compile_text_encoders
 
 ``undo()`` removes the handles in reverse order: processors, fused projections (the state dict is diffusers'
 own again), VAE memory format, process-wide settings; quantized weights stay quantized (it says so).
@@ -78,9 +78,10 @@ def _apply(run: Run) -> None:
         for k in kernels:  # the compile handle removes them with the compilation
             run.handles.remove(k)
         keep(h)
-        h = compile.apply_vae(run)
-        if h is not None:
-            keep(h)
+        for part in (compile.apply_vae, compile.apply_text_encoders):
+            h = part(run)
+            if h is not None:
+                keep(h)
     if run.target is not run.transformer:  # text encoding, denoising and VAE of the first image
         timer = FirstImageTimer(run.target, run.report.setdefault("startup", {}))
         keep(Handle("startup_timer", timer.remove, {}))

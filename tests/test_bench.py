@@ -279,9 +279,11 @@ def test_variant_command_overrides_rebuild_the_config():
     from sd3plugin.config import compose
 
     cfg = compose(None, ["attention=sdpa", "quant=int8_dynamic", "quant.exclude=[proj_out,'*.ff_context.*']",
-                         "mode=max-speed", "negative_prompt='blurry, it\\'s dark'", "height=128", "width=192"])
+                         "mode=max-speed", "negative_prompt='blurry, it\\'s dark'", "height=128", "width=192",
+                         "compile_text_encoders=true"])
     again = compose(None, variant_command_overrides(cfg))
-    for key in ("attention", "backend", "fuse_qkv", "compile_vae", "negative_prompt", "height", "width"):
+    for key in ("attention", "backend", "fuse_qkv", "compile_vae", "compile_text_encoders", "negative_prompt",
+                "height", "width"):
         assert again[key] == cfg[key], key
     assert again.quant == cfg.quant and again.mode.spec == cfg.mode.spec
 

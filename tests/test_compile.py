@@ -206,3 +206,60 @@ def test_sd3_5_blocks_and_vae_decoder_compile(tmp_path, cache_dir):
     assert _rel_err(out, ref) < RTOL
     sd3plugin.undo(pipe)
     assert "decode" not in pipe.vae.__dict__ and pipe.vae.decoder._compiled_call_impl is None
+
+
+TEXT_LAYERS = ["text_encoder.text_model.encoder.layers", "text_encoder_2.text_model.encoder.layers",
+               "text_encoder_3.encoder.block"]
+
+
+def _encoder_layers(pipe, name):
+    enc, path = name.split(".", 1)
+    m = getattr(pipe, enc)
+    for part in path.split("."):
+        m = getattr(m, part)
+    return getattr(pipe, enc), list(m)
+
+
+def test_text_encoders_compiled_and_undone(tiny_path, cache_dir):
+    """compile_text_encoders=true compiles each encoder's layers (CLIP's and T5's, regionally) behind a
+    guard on the encoder's forward; undo() gives the encoders back as they were (nothing runs here: the
+    compilation happens at the first call, tested in the slow lane)."""
+    pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
+                              overrides=["compile_text_encoders=true", "mode=fast-compile", f"cache_dir={cache_dir}"])
+    rep = sd3plugin.report(pipe)
+    assert rep["compiled_modules"][-3:] == TEXT_LAYERS and "compile_text_encoders" in rep["transforms"]
+    for name in TEXT_LAYERS:
+        encoder, layers = _encoder_layers(pipe, name)
+        assert "forward" in encoder.__dict__ and layers
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    sd3plugin.undo(pipe)
+    for name in TEXT_LAYERS:
+        encoder, layers = _encoder_layers(pipe, name)
+        assert "forward" not in encoder.__dict__
+        assert all(layer._compiled_call_impl is None for layer in layers)
+    plain = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
+                               overrides=["mode=fast-compile", f"cache_dir={cache_dir}"])
+    assert not any(m.startswith("text_encoder") for m in sd3plugin.report(plain)["compiled_modules"])
+    sd3plugin.undo(plain)
+
+
+@pytest.mark.slow
+def test_compiled_text_encoders_equal_eager(tiny_path, cache_dir):
+    """The prompt embeddings of compiled text encoders equal eager ones within RTOL (fp32 CPU), and so do
+    the latents of a whole call; each stack compiles once; a second prompt does not recompile."""
+    ref_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    args = dict(prompt="a cat", prompt_2="a cat", prompt_3="a cat on a mat", device="cpu", negative_prompt="a dog")
+    ref = ref_pipe.encode_prompt(**args)
+    ref_latents = ref_pipe(**tiny_call(num_inference_steps=2)).images
+    torch._dynamo.reset()
+    pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),
+                              overrides=["compile_text_encoders=true", "mode=fast-compile", f"cache_dir={cache_dir}"])
+    out = pipe.encode_prompt(**args)
+    for r, o in zip(ref, out):
+        assert _rel_err(o, r) < RTOL
+    first = sd3plugin.report(pipe)["text_encoder_compilations"]
+    assert first >= 1
+    pipe.encode_prompt(**{**args, "prompt_3": "another prompt"})
+    assert sd3plugin.report(pipe)["text_encoder_compilations"] == first
+    assert _rel_err(pipe(**tiny_call(num_inference_steps=2)).images, ref_latents) < RTOL
+    sd3plugin.undo(pipe)

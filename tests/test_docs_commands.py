@@ -292,6 +292,7 @@ SKIPPED: dict[str, str] = {  # a stable substring of the command -> why the test
     "scripts/attn_bench.py": "GPU benchmark of the attention kernels",
     "scripts/gpu_bench.sh": "GPU benchmarks (the device machine)",
     "scripts/parallel_bench.sh": "GPU benchmark on two GPUs (the nvidia-h200-x2 device machine)",
+    "scripts/step_profile.py": "GPU profile of one step (the device machine)",
     "scripts/nexfort-env.sh": "builds the torch 2.4 nexfort environment (about 3 GB of downloads; "
                               "scripts/ci-nexfort.sh in .ci/run builds and tests it)",
     ". .venv-nexfort/bin/activate": "activates the nexfort environment of the line before",

@@ -217,3 +217,25 @@ def test_kernel_on_gpu_at_sd3_shape(kernel, dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert _rel_per_head(static, out) < 1e-3
+
+
+def test_fp8_quantization_runs_outside_the_op_and_gives_the_same_numbers():
+    """attention=fa3_fp8 in the model quantizes Q/K/V with torch ops before the opaque op
+    (``sd3plugin::fa3_attention_fp8`` takes e4m3 tensors), so inductor can fuse the quantization into the
+    kernels that produce Q/K/V: the traced graph holds the cast to e4m3 and the op; the output equals the
+    all-in-one op's exactly, eager and compiled by inductor (CPU)."""
+    q, k, v = _qkv(2, 64, 3)
+    ref = fa3.fa3_attention(q, k, v, True)
+    assert torch.equal(fa3.fa3_fp8_attention(q, k, v), ref)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(fa3.fa3_fp8_attention, backend=backend, fullgraph=True)(q, k, v)
+    code = graphs[0].code
+    assert "fa3_attention_fp8" in code and "float8_e4m3fn" in code and "amax" in code
+    torch._dynamo.reset()
+    out = torch.compile(fa3.fa3_fp8_attention, fullgraph=True)(q, k, v)
+    assert float((out.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2

@@ -36,6 +36,7 @@ KEY_DOCS: dict[str, str] = {
     "attention": "attention kernel: {values}",
     "joint_attention": "with attention=fa4: SD3's joint attention as one op",
     "compile_vae": "compile the VAE decoder too",
+    "compile_text_encoders": "compile the text encoders too (T5-XXL, CLIP)",
     "lora_hotswap_rank": "prepare for hot-swapping LoRAs up to this rank without recompiling",
     "device": "{values}",
     "dtype": "{values}",

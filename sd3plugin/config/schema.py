@@ -116,6 +116,8 @@ class SD3PluginConfig:
     # With attention=fa4: SD3's joint attention as one op without copies (False: separate ops).
     joint_attention: bool = compile_field(_env_flag("SD3PLUGIN_JOINT_ATTENTION"))
     compile_vae: bool = compile_field(False)
+    # The text encoders' layers too (CLIP-L, CLIP-G, T5-XXL; regional): their share of the end-to-end time.
+    compile_text_encoders: bool = compile_field(False)
     # Prepare for LoRA hot-swapping up to this rank without recompiling (None: no hot-swapping).
     lora_hotswap_rank: Optional[int] = compile_field(None)
     device: Device = compile_field(Device.auto)

@@ -10,7 +10,8 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
   through the custom op ``sd3plugin::fa4_attention`` so torch.compile and CUDA graphs see one opaque call;
 - ``fa3``: FlashAttention-3's bf16 forward (package ``fa3-fwd``; compute capability 9.0), through the custom
   op ``sd3plugin::fa3_attention`` (``sd3plugin.kernels.fa3``); an fp16 model's Q/K/V are converted to bf16;
-- ``fa3_fp8``: FA3's fp8 e4m3 forward on Q/K/V quantized per (batch, head) in the op. Quantization: opt-in,
+- ``fa3_fp8``: FA3's fp8 e4m3 forward on Q/K/V quantized per (batch, head) by torch ops before the op
+  ``sd3plugin::fa3_attention_fp8`` (inductor fuses them into the kernels producing Q/K/V). Quantization: opt-in,
   never picked by ``auto``;
 - ``auto``: the first kernel of ``AUTO_PICKS[(compute capability major, dtype)]`` (the fastest measured
   there, docs/performance.md "attention=auto picks") that can run here, else ``sdpa``; the reason goes into
@@ -34,7 +35,8 @@ from ..compat import diffusers as dcompat
 from ..config.choices import ATTENTION_KERNELS as KERNELS  # one table: the config's
 from ..errors import ConfigError
 from . import joint_attention, quantized_attention
-from .fa3 import FA3_INSTALL, fa3_attention, fa3_unavailable  # noqa: F401  (FA3_INSTALL: re-exported)
+from .fa3 import (FA3_INSTALL, fa3_attention, fa3_fp8_attention,  # noqa: F401  (FA3_INSTALL: re-exported)
+                  fa3_unavailable)
 from .fa4 import FA4_INSTALL, fa4_attention, fa4_unavailable  # noqa: F401  (FA4_INSTALL: re-exported)
 
 log = logging.getLogger("sd3plugin")
@@ -124,6 +126,8 @@ def _attend(kernel: str, q, k, v):
     """q, k, v: (B, S, H, D) -> (B, S, H, D)."""
     if kernel == "fa4":
         return fa4_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    if kernel == "fa3_fp8":
+        return fa3_fp8_attention(q, k, v)
     if kernel in FA3_FP8:
         return fa3_attention(q, k, v, FA3_FP8[kernel])
     if kernel in PV_OF:

@@ -1,6 +1,7 @@
 """Compilation by the plan's backend (regional: the repeated blocks), guarded at every call.
 
-``GuardedForward`` replaces the transformer's ``forward`` (and, with ``compile_vae``, the VAE's ``decode``):
+``GuardedForward`` replaces the transformer's ``forward`` (and, with ``compile_vae``, the VAE's ``decode``;
+with ``compile_text_encoders``, each text encoder's ``forward``, whose inner stack is compiled):
 - before each call it keeps what diffusers may have changed since exact: the fused projections
   (``fuse_qkv.FusedProjections.sync``), CUDA graphs suspended while LoRA adapters or model offload are in use;
 - it counts the graphs Dynamo compiles during its calls (``report["compilations"]``, and
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+import torch
 
 from ..backends import cudagraph
 from ..compat import diffusers as dcompat
@@ -34,12 +37,17 @@ def first_line(exc: BaseException) -> str:
     return f"{type(root).__name__}: {line}" if root is not exc else line or type(exc).__name__
 
 
+def is_auxiliary(what: str) -> bool:
+    """The VAE and the text encoders: compiled around the transformer, without its guard's bookkeeping."""
+    return what == "vae" or what.startswith("text_encoder")
+
+
 def record_fallback(report: dict, exc: BaseException, when: str, what: str | None = None) -> None:
     what = what or report["backend"]
     report["status"] = "fallback"
     report["error"] = f"{type(exc).__name__}: {first_line(exc)}"
     report["compiled_modules"] = [m for m in report["compiled_modules"] if not m.startswith(
-        "vae" if what == "vae" else "transformer")]
+        f"{what}." if is_auxiliary(what) else "transformer")]
     log.warning("sd3plugin: %s compilation failed (%s): %s; running eagerly (on_error=fallback)",
                 what, when, report["error"])
 
@@ -50,12 +58,15 @@ class GuardedForward:
     def __init__(self, owner, method: str, undo, report: dict, on_error: str, what: str, fused=None):
         self.owner, self.method, self.undo, self.report = owner, method, undo, report
         self.on_error, self.what, self.fused = on_error, what, fused
-        self.active, self.calls = True, 0
+        self.active, self.calls, self.aux = True, 0, is_auxiliary(what)
+        # A text encoder's forward already installed on the instance (accelerate's offload hook) keeps
+        # running inside the guard.
+        self.previous = owner.__dict__.get(method) if self.aux else None
 
     def before_call(self) -> None:
         """Keep the fused projections exact and CUDA graphs valid; CudaGraphForward calls this too, since a
         replayed graph never reaches ``forward``."""
-        if self.active and self.what != "vae":
+        if self.active and not self.aux:
             self._before()
 
     def _before(self) -> None:
@@ -75,12 +86,13 @@ class GuardedForward:
             runner.suspend(reason)
 
     def __call__(self, *args, **kwargs):
-        fn = getattr(type(self.owner), self.method)
+        fn = (getattr(type(self.owner), self.method) if self.previous is None
+              else lambda _owner, *a, **kw: self.previous(*a, **kw))
         if not self.active:
             return fn(self.owner, *args, **kwargs)
         self.before_call()
         before = tcompat.graph_count()
-        first = self.calls == 0 and self.what != "vae"
+        first = self.calls == 0 and not self.aux
         if first:
             metrics, started = tcompat.compile_metrics(), time.perf_counter()
         try:
@@ -107,12 +119,13 @@ class GuardedForward:
             return out
         finally:
             new = tcompat.graph_count() - before
-            key = "compilations" if self.what != "vae" else "vae_compilations"
+            key = ("compilations" if not self.aux else "vae_compilations" if self.what == "vae"
+                   else "text_encoder_compilations")
             self.report[key] = self.report.get(key, 0) + new
-            if self.calls and self.what != "vae":
+            if self.calls and not self.aux:
                 self.report["recompilations"] = self.report.get("recompilations", 0) + new
             self.calls += 1
-            if self.what != "vae":
+            if not self.aux:
                 self._after()
 
     def _after(self) -> None:
@@ -130,6 +143,8 @@ class GuardedForward:
     def remove(self) -> None:
         self.undo()
         self.owner.__dict__.pop(self.method, None)
+        if self.previous is not None:
+            setattr(self.owner, self.method, self.previous)
 
 
 def apply(run: Run, kernel_handles: list[Handle]) -> Handle | None:
@@ -181,3 +196,54 @@ def apply_vae(run: Run) -> Handle | None:
     vae.decode = guard
     report["compiled_modules"] = report["compiled_modules"] + ["vae.decoder"]
     return Handle("compile_vae", guard.remove, {})
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
+# The repeated layers of each encoder, compiled one by one (regional, like the transformer's blocks: identical
+# layers share one graph, so T5-XXL's 24 layers compile about as fast as two).
+_LAYERS = ("text_model.encoder.layers", "encoder.block")  # CLIPTextModel(WithProjection), T5EncoderModel
+
+
+def _layers_of(encoder):
+    """(dotted path, ModuleList) of the encoder's repeated layers (None: an encoder of unknown structure)."""
+    for path in _LAYERS:
+        m = encoder
+        for part in path.split("."):
+            m = getattr(m, part, None)
+        if isinstance(m, torch.nn.ModuleList) and len(m):
+            return path, m
+    return None
+
+
+def apply_text_encoders(run: Run) -> Handle | None:
+    """``compile_text_encoders=true``: each text encoder's layers too (T5-XXL above all: end-to-end time);
+    the encoder's ``forward`` is guarded like the VAE's ``decode`` (a compile failure runs it eagerly)."""
+    plan, report = run.plan, run.report
+    if not (plan.compile_text_encoders and run.target is not run.transformer and run.backend.name == "inductor"
+            and report.get("status") == "compiled"):
+        return None
+    guards = []
+    for attr in TEXT_ENCODERS:
+        encoder = getattr(run.target, attr, None)
+        found = _layers_of(encoder) if isinstance(encoder, torch.nn.Module) else None
+        if found is None:
+            continue
+        path, layers = found
+        for layer in layers:
+            layer.compile(backend="inductor", options=run.backend.options(plan),
+                          dynamic=True if plan.dynamic else False)
+
+        def undo(layers=layers):
+            for layer in layers:
+                tcompat.clear_compiled_call(layer)
+        guard = GuardedForward(encoder, "forward", undo, report, plan.on_error, attr)
+        encoder.forward = guard
+        guards.append(guard)
+        report["compiled_modules"] = report["compiled_modules"] + [f"{attr}.{path}"]
+    if not guards:
+        return None
+
+    def undo_all():
+        for g in reversed(guards):
+            g.remove()
+    return Handle("compile_text_encoders", undo_all, {})
