@@ -17,7 +17,7 @@ STEPS, SIZE = int(os.environ.get("STEPS", 28)), int(os.environ.get("SIZE", 1024)
 PRESETS = {
     "fbcache": seam.StepCacheSettings(fn=1, bn=0, threshold=0.08, warmup=4),
     "dbcache": seam.StepCacheSettings(fn=8, bn=0, threshold=0.08, warmup=8),
-    "dbcache_taylorseer": seam.StepCacheSettings(fn=1, bn=0, threshold=0.12, warmup=4, taylorseer_order=1),
+    "dbcache_taylorseer": seam.StepCacheSettings(fn=1, bn=1, threshold=0.12, warmup=4, taylorseer_order=1),
 }
 
 

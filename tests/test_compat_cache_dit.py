@@ -21,3 +21,12 @@ def test_zero_threshold_exact_loose_reuses_and_disable_restores(tiny_pipe):
     assert len(seam.cached_steps(tiny_pipe)) > 0
     seam.disable(tiny_pipe)
     torch.testing.assert_close(tiny_pipe(**tiny_call(num_inference_steps=8)).images, plain, rtol=0, atol=0)
+
+
+def test_taylorseer_reuses_and_disable_restores(tiny_pipe):
+    plain = tiny_pipe(**tiny_call(num_inference_steps=8)).images
+    seam.enable(tiny_pipe, seam.StepCacheSettings(fn=1, threshold=1e9, warmup=2, taylorseer_order=1, bn=1))
+    tiny_pipe(**tiny_call(num_inference_steps=8))
+    assert len(seam.cached_steps(tiny_pipe)) > 0
+    seam.disable(tiny_pipe)
+    torch.testing.assert_close(tiny_pipe(**tiny_call(num_inference_steps=8)).images, plain, rtol=0, atol=0)

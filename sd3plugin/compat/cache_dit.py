@@ -32,6 +32,9 @@ def enable(pipe: Any, s: StepCacheSettings) -> None:
     """Turn cache-dit's DBCache (with TaylorSeer when ``s.taylorseer_order`` > 0) on for ``pipe``."""
     import cache_dit
 
+    if s.taylorseer_order > 0 and s.bn < 1:
+        # cache-dit 1.5.3's TaylorSeer reads the back blocks' residual, which Bn=0 never stores
+        raise ValueError("TaylorSeer needs bn >= 1 (cache-dit 1.5.3 fails with Bn=0): set bn to 1 or more")
     config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=s.fn, Bn_compute_blocks=s.bn, residual_diff_threshold=s.threshold,
         max_warmup_steps=s.warmup, max_cached_steps=s.max_cached)
