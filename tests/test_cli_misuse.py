@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,10 +188,14 @@ def test_help_lists_every_value_of_every_choice_table():
     from sd3plugin.config.help import cli_help
     from sd3plugin.models import ARCHITECTURES
 
-    text = " ".join(cli_help("sd3plugin-run", "summary").split())
+    raw = cli_help("sd3plugin-run", "summary")
+    text = " ".join(raw.split())
     for key, table in [("attention", choices.ATTENTION_KERNELS), ("backend", schema.BACKENDS),
                        ("device", choices.DEVICES), ("dtype", choices.DTYPES), ("on_error", choices.ON_ERROR)]:
-        row = text.split(f" {key} ", 1)[1].split("[default:")[0]
+        # the key's own row: a line that starts with the key, up to its default
+        start = re.search(rf"^\s+{re.escape(key)}\s", raw, re.M)
+        assert start, (key, raw)
+        row = " ".join(raw[start.end():].split("[default:")[0].split())
         for value in table:
             assert f" {value} " in f" {row.replace('|', ' ').replace('(', ' ')} ", (key, value, row)
     assert "fa3 | fa3_fp8" in text
