@@ -20,7 +20,6 @@ install with ``--trust`` (or ``SD3PLUGIN_TRUSTED_KEY``), or pin them with ``--ex
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -40,6 +39,7 @@ from .errors import (CacheError, CacheNotFoundError, CacheWriteError, CorruptArc
                      IncompatibleCacheError)
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compatibility, environment
+from .regular_file import NotRegularFile, open_regular
 
 FORMAT = "sd3plugin-cache/1"
 MANIFEST = "manifest.json"
@@ -56,7 +56,10 @@ MAX_WINDOW_LOG = 25                 # zstd window: 32 MiB (pack uses at most thi
 MAX_RATIO = 1000                    # unpacked bytes per archive byte, beyond RATIO_SLACK
 RATIO_SLACK = 64 * 2**20
 MAX_TRAILING = 2**20                # zero padding accepted after the end-of-archive blocks
-MAX_NAME = 4096
+MAX_NAME = 1024                     # bytes (UTF-8) of one member's path
+MAX_DEPTH = 16                      # folders in one member's path (real caches use at most 6)
+MAX_FOLDER_PREFIX_BYTES = 32 * 2**20  # sum over names of (bytes x depth): bounds the folder set built
+MAX_FOLDERS = 400_000               # sum over names of depth
 
 _FP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -242,20 +245,15 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
-        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:  # O_NONBLOCK + fstat: a FIFO or device is refused, never waited on
+            fd, st = open_regular(path)
         except FileNotFoundError:
             raise CacheNotFoundError(f"archive {str(path)!r} does not exist") from None
-        except IsADirectoryError:
-            raise CacheNotFoundError(f"archive {str(path)!r} is a folder, not an archive") from None
+        except NotRegularFile as exc:
+            raise CacheNotFoundError(f"archive {str(path)!r} {exc.strerror}; give the path of a .tar.zst "
+                                     "file") from None
         except OSError as exc:
             raise CacheNotFoundError(f"cannot open archive {str(path)!r}: {exc.strerror}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
-            raise CacheNotFoundError(f"archive {str(path)!r} is {kind}; give the path of a .tar.zst file")
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         self.f = os.fdopen(fd, "rb", buffering=0)
         self.size = st.st_size
         self.restart()
@@ -483,24 +481,37 @@ class _TarReader:
 
 
 # -- member names and the manifest --------------------------------------------------------------------
+# C0 and C1 control characters, DEL, and lone surrogates (not encodable, so not a file name)
+_UNSAFE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def check_member_name(name: str) -> str:
-    """The member's safe relative path, or CorruptArchiveError for absolute paths, ``..`` and strays."""
+    """The member's safe relative path, or CorruptArchiveError for absolute paths, ``..`` and strays.
+
+    Checked in an order that bounds work and memory whatever the name: type, characters, length in
+    bytes and depth first, only then split into parts."""
     if not isinstance(name, str):
         raise CorruptArchiveError(f"unsafe archive member {name!r}: not a name; refusing to install")
+    shown = ascii(name[:80])
     if not name or name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        raise CorruptArchiveError(f"unsafe archive member {name!r}: absolute path; refusing to install")
-    if len(name) > MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise CorruptArchiveError(f"unsafe archive member {name[:80]!r}: control characters or over {MAX_NAME} "
-                                  "characters; refusing to install")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".", "") for p in parts) or ".." in name.split("/"):
-        raise CorruptArchiveError(f"unsafe archive member {name!r}: '..' or '.' in the path; refusing to "
-                                  "install")
+        raise CorruptArchiveError(f"unsafe archive member {shown}: absolute path; refusing to install")
+    if len(name) > MAX_NAME or _UNSAFE_CHAR.search(name):
+        raise CorruptArchiveError(f"unsafe archive member {shown}: control characters, lone surrogates or over "
+                                  f"{MAX_NAME} bytes; refusing to install")
+    if len(name.encode("utf-8")) > MAX_NAME or name.count("/") > MAX_DEPTH:
+        raise CorruptArchiveError(f"unsafe archive member {shown}: over {MAX_NAME} bytes or {MAX_DEPTH} folders "
+                                  "deep; refusing to install")
+    parts = name.split("/")
+    if parts[-1] == "":  # a folder member's trailing slash
+        parts = parts[:-1]
+    if any(p in ("..", ".", "") for p in parts):
+        raise CorruptArchiveError(f"unsafe archive member {shown}: '..' or '.' in the path, or an empty part; "
+                                  "refusing to install")
     if parts[0] not in store.PACKED_DIRS:
-        raise CorruptArchiveError(f"unsafe archive member {name!r}: outside {'/, '.join(store.PACKED_DIRS)}/, "
+        raise CorruptArchiveError(f"unsafe archive member {shown}: outside {'/, '.join(store.PACKED_DIRS)}/, "
                                   "the only folders of a cache archive; refusing to install")
     if any(len(p.encode()) > 255 for p in parts):
-        raise CorruptArchiveError(f"unsafe archive member {name[:80]!r}: a path component over 255 bytes; "
+        raise CorruptArchiveError(f"unsafe archive member {shown}: a path component over 255 bytes; "
                                   "refusing to install")
     return "/".join(parts)
 
@@ -539,20 +550,22 @@ def parse_manifest(data: bytes, path) -> dict:
         if depth > MAX_JSON_DEPTH:
             raise bad(f"is nested over {MAX_JSON_DEPTH} levels deep")
         children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        strings = list(obj) if isinstance(obj, dict) else []
+        strings += [c for c in children if isinstance(c, str)]
+        if any(_has_surrogate(x) for x in strings):
+            raise bad("has a string with a lone surrogate (not Unicode text)")
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise CorruptArchiveError(f"{path}: manifest has no file list; not an sd3plugin cache archive")
-    folders: set[str] = set()
-    for name, info in files.items():
+    for name, info in files.items():  # every name checked (bytes, depth) before any is expanded
         rel = check_member_name(name)
         if rel != name:
-            raise bad(f"lists {name!r}, not a normalised path")
-        parts = rel.split("/")
+            raise bad(f"lists {ascii(name[:80])}, not a normalised path")
         if (not isinstance(info, dict) or type(info.get("size")) is not int or info["size"] < 0
                 or not isinstance(info.get("sha256"), str) or not _HEX64.fullmatch(info["sha256"])):
-            raise bad(f"has no valid size and sha256 for {name!r}")
-        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            raise bad(f"has no valid size and sha256 for {ascii(name[:80])}")
+    folders = manifest_folders(files, path)
     clash = folders & set(files)
     if clash:
         raise CorruptArchiveError(f"{path}: member {sorted(clash)[0]!r} is both a file and a folder; the archive "
@@ -595,6 +608,32 @@ def parse_manifest(data: bytes, path) -> dict:
     return manifest
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def manifest_folders(files: dict, path) -> set[str]:
+    """Every folder the (already name-checked) ``files`` imply. The work and memory this takes are
+    bounded before anything is built: the sum over names of (bytes x depth) is checked first."""
+    depth = sum(n.count("/") for n in files)  # names are checked: at most MAX_NAME bytes, MAX_DEPTH deep
+    expanded = sum(len(n) * n.count("/") for n in files)
+    if depth > MAX_FOLDERS or expanded > MAX_FOLDER_PREFIX_BYTES:
+        raise CorruptArchiveError(f"{path}: {MANIFEST} lists names whose folders add up to over "
+                                  f"{MAX_FOLDER_PREFIX_BYTES} bytes (too many or too deeply nested names for a "
+                                  "cache archive); the archive was altered")
+    folders: set[str] = set()
+    for n in files:
+        i = n.find("/")
+        while i != -1:
+            folders.add(n[:i])
+            i = n.find("/", i + 1)
+    return folders
+
+
 def _bomb_check(manifest: dict, source: _Source, path) -> None:
     total = manifest["total_bytes"]
     allowed = MAX_RATIO * source.size + RATIO_SLACK
@@ -631,7 +670,7 @@ def _scan(source: _Source, path: Path, extract_to: Path | None = None, manifest_
         return manifest, None
     _bomb_check(manifest, source, path)
     files = manifest["files"]
-    folders = {"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)}
+    folders = manifest_folders(files, path)
     overhead = (len(files) + len(folders) + 2) * (MAX_EXTENDED_HEADERS * (MAX_HEADER_BYTES + BLOCK) + 2 * BLOCK)
     stream.limit = min(stream.pos + manifest["total_bytes"] + overhead + MAX_TRAILING,
                        MAX_RATIO * source.size + RATIO_SLACK)
