@@ -39,7 +39,7 @@ from .errors import (CacheError, CacheNotFoundError, CacheWriteError, CorruptArc
                      IncompatibleCacheError)
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compatibility, environment
-from .regular_file import NotRegularFile, open_regular
+from ..regular_file import NotRegularFile, open_regular
 
 FORMAT = "sd3plugin-cache/1"
 MANIFEST = "manifest.json"
@@ -759,12 +759,12 @@ def signature_status(path: str | Path, trust: list[str] | None = None) -> dict:
     """Whether ``path`` has a signature beside it, by which key, and whether a trusted key verifies it."""
     path = Path(path).expanduser()
     sig = Path(str(path) + signing.SUFFIX)
+    keys = signing.trusted_keys(trust)  # a trust setting that names no key is an error here too
     out = {"file": str(sig), "present": sig.is_file(), "key_id": None, "verified": None}
     if not out["present"]:
         return out
     try:
         out["key_id"] = signing.read_signature(sig, path).get("key-id")
-        keys = signing.trusted_keys(trust)
         if keys:
             with _Source(path) as src:
                 signing.check(path, sig, src.hash_all(), keys)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .errors import CacheWriteError, UntrustedArchiveError
-from .regular_file import read_regular
+from ..regular_file import read_regular
 
 MAGIC = "sd3plugin-cache-signature/1"
 SUFFIX = ".sig"

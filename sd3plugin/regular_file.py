@@ -1,4 +1,4 @@
-"""Opening a file the CLI reads (archive, signature, key, manifest, config) without ever blocking.
+"""Opening a file a user names (archive, signature, key, config) without ever blocking.
 
 ``open(path)`` on a FIFO waits for a writer, and reading a device may never end. Every such file is
 opened with ``O_NONBLOCK`` (which makes opening a FIFO return at once), checked with ``fstat`` on the
