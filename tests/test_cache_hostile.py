@@ -263,6 +263,46 @@ def _corpus() -> dict:
     raw("checksum_mismatch", "corrupt", "checksum mismatch for 'inductor/zz/kernel.py'",
         lambda: zst(mm, member(f"entries/{FP}/entry.json", files[f"entries/{FP}/entry.json"]),
                     member("inductor/zz/kernel.py", b"print('HI')\n"), END))
+    # 5. hostile names (issue 20): each a corrupt archive, exit 4, one line; in the manifest or in the tar stream
+    def named(name, data=b"x"):  # the manifest lists ``name`` and the stream carries it (a PAX path)
+        return lambda: zst(manifest_member(manifest_for({**files, name: data})), body,
+                           member("pax", pax_records({"path": name}), b"x"), tar_header("x", len(data)) + pad(data),
+                           END)
+
+    def in_stream_only(name):  # a valid manifest; the stream has an extra member named ``name``
+        return lambda: zst(mm, member("pax", pax_records({"path": name}), b"x"), tar_header("x", 1) + pad(b"x"),
+                           body, END)
+
+    deep = "inductor/" + "a/" * 2000 + "x.py"  # 4,000 characters: RecursionError in mkdir(parents=True)
+    raw("name_nested_4000_characters", "corrupt", "a name over 1024 bytes", named(deep))
+    raw("name_nested_17_folders", "corrupt", "over 16 folders deep", named("inductor/" + "a/" * 17 + "x.py"))
+    raw("name_nested_in_stream", "corrupt", "over 16 folders deep", in_stream_only("inductor/" + "a/" * 40 + "x"))
+    raw("name_lone_surrogate_in_manifest", "corrupt", "lone surrogate",
+        lambda: zst(manifest_member(json.dumps(manifest_for({**files, "inductor/zz/\ud800.py": b"x"})).encode()),
+                    body, END))
+    raw("name_lone_surrogate_in_a_value", "corrupt", "lone surrogate",
+        lambda: zst(manifest_member(json.dumps({**m, "note": "\udfff"}).encode()), body, END))
+    wide = "inductor/" + "/".join(["\u4e2d" * 80] * 16) + ".py"  # 16 parts of 240 bytes: under 255 each
+    raw("name_long_and_wide", "corrupt", "a name over 1024 bytes", named(wide))
+    raw("name_long_and_wide_in_stream", "corrupt", "a name over 1024 bytes", in_stream_only(wide))
+    raw("name_part_over_255_bytes", "corrupt", "a path component over 255 bytes",
+        named("inductor/" + "\u00e9" * 130 + ".py"))
+    for label, char in (("c1_next_line", "\x85"), ("c1_csi", "\x9b"), ("del", "\x7f"), ("newline", "\n"),
+                        ("line_separator", "\u2028"), ("bidi_override", "\u202e")):
+        raw(f"name_{label}", "corrupt", "a control character, line separator or lone surrogate",
+            named(f"inductor/zz/evil{char}.py"))
+        raw(f"name_{label}_in_stream", "corrupt", "a control character, line separator or lone surrogate",
+            in_stream_only(f"inductor/zz/evil{char}.py"))
+    raw("environment_value_with_a_newline", "corrupt", "no valid environment",
+        lambda: zst(manifest_member({**m, "environment": {**m["environment"], "torch": "9.9\nall good"}}), body,
+                    END))
+    # 6. the manifest's memory bound (issue 20): names checked before any is expanded into its folders
+    one_char = ["inductor/" + "/".join("abcdefghij"[(i + k) % 10] for k in range(2040)) + f"{i}" for i in range(1000)]
+    raw("manifest_1000_names_of_4090_characters", "corrupt", "a name over 1024 bytes",
+        lambda: zst(manifest_member(manifest_for({**files, **{n: b"" for n in one_char}})), body, END))
+    expand = {f"inductor/{i:05d}/" + "/".join([f"{k:x}" * 60 for k in range(14)]) + "/f": b"" for i in range(2600)}
+    raw("manifest_folders_over_the_bound", "corrupt", "folders add up to over",
+        lambda: zst(manifest_member(manifest_for({**files, **expand})), body, END))
     return C
 
 
@@ -356,7 +396,10 @@ def test_hostile_corpus_is_refused_with_bounded_memory(tmp_path, existing):
     # info reads only the manifest, with the same limits: what follows it does not matter
     info = {"longname_first_1GiB": "corrupt", "pax_global_1GiB": "corrupt", "manifest_nested_200k": "corrupt",
             "manifest_over_limit": "corrupt", "manifest_too_many_containers": "corrupt", "gnu_longname_1GiB": "ok",
-            "zstd_bomb_consistent_manifest": "ok"}
+            "zstd_bomb_consistent_manifest": "ok", "name_lone_surrogate_in_manifest": "corrupt",
+            "name_nested_4000_characters": "corrupt", "name_long_and_wide": "corrupt", "name_c1_next_line": "corrupt",
+            "manifest_1000_names_of_4090_characters": "corrupt", "manifest_folders_over_the_bound": "corrupt",
+            "environment_value_with_a_newline": "corrupt"}
     for name in info:
         runs.append(["info", str(arch_dir / f"{name}.tar.zst"), "--json"])
     before = {name: tree(work) for name, _, _, work in cases}
@@ -1015,6 +1058,25 @@ def test_unexpected_errors_are_one_line(tmp_path, capsys, monkeypatch):
     code, _, text = cli("ls", "--cache-dir", str(tmp_path), capsys=capsys)
     assert code == EXIT["error"] and text.strip().count("\n") == 0 and "RuntimeError: something odd" in text
     assert "Traceback" not in text
+
+
+def test_messages_with_control_characters_or_surrogates_are_one_line(tmp_path, capsys, monkeypatch):
+    from sd3plugin.cache.errors import CorruptArchiveError
+    from sd3plugin.cli import cmd_ls
+
+    def boom(root):
+        raise CorruptArchiveError("name evil\ud800\nsecond line\x85third\u2028fourth")
+
+    monkeypatch.setattr(cmd_ls, "summary", boom)
+    from sd3plugin.cli.cache import main
+
+    for extra in ((), ("--json",)):
+        assert main(["ls", "--cache-dir", str(tmp_path), *extra]) == EXIT["corrupt"]
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+        assert "evil\\ud800\\nsecond line\\x85third\\u2028fourth" in err, err
+        if extra:
+            assert json.loads(out)["error"] == err.strip()
 
 
 def test_archive_path_that_is_not_a_file(tmp_path, capsys):

@@ -481,8 +481,9 @@ class _TarReader:
 
 
 # -- member names and the manifest --------------------------------------------------------------------
-# C0 and C1 control characters, DEL, and lone surrogates (not encodable, so not a file name)
-_UNSAFE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0 and C1 control characters, DEL, lone surrogates (not encodable, so not a file name), line and paragraph
+# separators and bidirectional overrides (they make one line print as two, or in another order)
+_UNSAFE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def check_member_name(name: str) -> str:
@@ -492,15 +493,19 @@ def check_member_name(name: str) -> str:
     bytes and depth first, only then split into parts."""
     if not isinstance(name, str):
         raise CorruptArchiveError(f"unsafe archive member {name!r}: not a name; refusing to install")
-    shown = ascii(name[:80])
+    shown = ascii(name[:80]) + ("..." if len(name) > 80 else "")
     if not name or name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
         raise CorruptArchiveError(f"unsafe archive member {shown}: absolute path; refusing to install")
-    if len(name) > MAX_NAME or _UNSAFE_CHAR.search(name):
-        raise CorruptArchiveError(f"unsafe archive member {shown}: control characters, lone surrogates or over "
-                                  f"{MAX_NAME} bytes; refusing to install")
-    if len(name.encode("utf-8")) > MAX_NAME or name.count("/") > MAX_DEPTH:
-        raise CorruptArchiveError(f"unsafe archive member {shown}: over {MAX_NAME} bytes or {MAX_DEPTH} folders "
-                                  "deep; refusing to install")
+    if len(name) > MAX_NAME or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise CorruptArchiveError(f"unsafe archive member {shown}: a name over {MAX_NAME} bytes (UTF-8); "
+                                  "refusing to install")
+    bad_char = _UNSAFE_CHAR.search(name)
+    if bad_char:
+        raise CorruptArchiveError(f"unsafe archive member {shown}: a control character, line separator or lone "
+                                  f"surrogate ({ascii(bad_char.group())}) in the name; refusing to install")
+    if name.count("/") > MAX_DEPTH:
+        raise CorruptArchiveError(f"unsafe archive member {shown}: over {MAX_DEPTH} folders deep; refusing "
+                                  "to install")
     parts = name.split("/")
     if parts[-1] == "":  # a folder member's trailing slash
         parts = parts[:-1]
@@ -600,12 +605,19 @@ def parse_manifest(data: bytes, path) -> dict:
         if parts[0] == store.ENTRIES and parts[1] not in fps:
             raise bad(f"lists {name!r} of an entry it does not describe")
     env = manifest.get("environment", {})
-    if not isinstance(env, dict) or any(isinstance(v, (dict, list)) for v in env.values()):
-        raise bad("has no valid environment")
+    if not isinstance(env, dict) or not _plain_environment(env):
+        raise bad("has no valid environment (values are plain strings, numbers or null, without control "
+                  "characters)")
     for e in entries:
-        if any(isinstance(v, (dict, list)) for v in (e.get("environment") or {}).values()):
+        if not _plain_environment(e.get("environment") or {}):
             raise bad(f"has an entry {e['fingerprint']} without a valid environment")
     return manifest
+
+
+def _plain_environment(env: dict) -> bool:
+    """Values that messages print as they are: no containers, no control characters (one line)."""
+    return all(not isinstance(v, (dict, list)) and not (isinstance(v, str) and _UNSAFE_CHAR.search(v))
+               and not _UNSAFE_CHAR.search(k) for k, v in env.items())
 
 
 def _has_surrogate(text: str) -> bool:
