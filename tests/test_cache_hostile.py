@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -303,7 +304,46 @@ def _corpus() -> dict:
     expand = {f"inductor/{i:05d}/" + "/".join([f"{k:x}" * 60 for k in range(14)]) + "/f": b"" for i in range(2600)}
     raw("manifest_folders_over_the_bound", "corrupt", "folders add up to over",
         lambda: zst(manifest_member(manifest_for({**files, **expand})), body, END))
+    # 7. zstd frames that are not data (issue 20): refused wherever they are; the allowance is the real payload
+    raw("zstd_skippable_frame_before", "corrupt", "a zstd skippable frame at byte 0",
+        lambda: skippable(100) + zst(mm, body, END))
+    raw("zstd_skippable_frame_between", "corrupt", "a zstd skippable frame at byte",
+        lambda: zst(mm) + skippable(10) + zst(body, END))
+    raw("zstd_skippable_frame_after", "corrupt", "a zstd skippable frame at byte",
+        lambda: zst(mm, body, END) + skippable(0))
+    raw("zstd_skippable_padding_2MiB", "corrupt", "a zstd skippable frame at byte",
+        lambda: zeros_bomb(skippable(2 * 2**20)))
+    raw("zstd_empty_block_padding_2MiB", "corrupt", "over 1000x its compressed payload",
+        lambda: zeros_bomb(empty_blocks(700_000)))
+    raw("zstd_data_after_the_frames", "corrupt", "data after the end of the compressed stream",
+        lambda: zst(mm, body, END) + b"\0" * 64)
     return C
+
+
+def skippable(n: int, magic: int = 0x184D2A53) -> bytes:
+    return struct.pack("<II", magic, n) + b"\0" * n
+
+
+def empty_blocks(n: int) -> bytes:
+    """One zstd frame of ``n`` empty raw blocks: valid, decompresses to nothing, ~3 bytes per block."""
+    return struct.pack("<I", 0xFD2FB528) + b"\x00\x00" + b"\x00\x00\x00" * n + b"\x01\x00\x00"
+
+
+def zeros_bomb(padding: bytes, size: int = 128 * 2**20) -> bytes:
+    """A consistent archive with a ``size``-byte file of zeros (a few KB compressed) after ``padding``: the
+    padding would raise the allowance (1000 x archive bytes) over ``size`` if it counted."""
+    files = good_files()
+    m = manifest_for(files)
+    zero, h = bytes(2**20), hashlib.sha256()
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(buf, closefd=False) as w:
+        for _ in range(size >> 20):
+            h.update(zero)
+            w.write(zero)
+    m["files"]["inductor/zz/big.bin"] = {"size": size, "sha256": h.hexdigest()}
+    m["total_bytes"] += size
+    head = zst(manifest_member(m), *(member(k, v) for k, v in files.items()), tar_header("inductor/zz/big.bin", size))
+    return head + padding + buf.getvalue() + zst(END)
 
 
 CORPUS = _corpus()
@@ -399,7 +439,7 @@ def test_hostile_corpus_is_refused_with_bounded_memory(tmp_path, existing):
             "zstd_bomb_consistent_manifest": "ok", "name_lone_surrogate_in_manifest": "corrupt",
             "name_nested_4000_characters": "corrupt", "name_long_and_wide": "corrupt", "name_c1_next_line": "corrupt",
             "manifest_1000_names_of_4090_characters": "corrupt", "manifest_folders_over_the_bound": "corrupt",
-            "environment_value_with_a_newline": "corrupt"}
+            "environment_value_with_a_newline": "corrupt", "zstd_skippable_frame_before": "corrupt"}
     for name in info:
         runs.append(["info", str(arch_dir / f"{name}.tar.zst"), "--json"])
     before = {name: tree(work) for name, _, _, work in cases}
@@ -428,6 +468,18 @@ def test_a_valid_archive_installs_with_bounded_memory(tmp_path):
     assert [r["code"] for r in results] == [0, 0], results
     assert (tmp_path / "c" / "inductor" / "zz" / "big.bin").read_bytes() == files["inductor/zz/big.bin"]
     assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB"
+
+
+def test_archives_of_several_data_frames_install(tmp_path, capsys):
+    """Data frames, however many, are the archive; only frames that are not data are refused."""
+    files = good_files()
+    body = [member(k, v) for k, v in files.items()]
+    path = tmp_path / "frames.tar.zst"
+    path.write_bytes(zst(manifest_member(manifest_for(files))) + b"".join(zst(b) for b in body) + empty_blocks(3)
+                     + zst(END))
+    code, data, text = cli("install", str(path), "--cache-dir", str(tmp_path / "c"), "--json", capsys=capsys)
+    assert code == 0, text
+    assert (tmp_path / "c" / "inductor" / "zz" / "kernel.py").read_bytes() == files["inductor/zz/kernel.py"]
 
 
 # -- the bytes hashed are the bytes installed -----------------------------------------------------------------

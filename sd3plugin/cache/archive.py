@@ -39,6 +39,7 @@ from .errors import (CacheError, CacheNotFoundError, CacheWriteError, CorruptArc
                      IncompatibleCacheError)
 from .lock import DEFAULT_TIMEOUT_S, cache_lock
 from .manifest import compatibility, environment
+from .zstd_frames import FrameWalker
 from ..regular_file import NotRegularFile, open_regular
 
 FORMAT = "sd3plugin-cache/1"
@@ -292,8 +293,9 @@ class _Stream:
 
     def __init__(self, source: _Source, path: Path):
         self.path = path
+        self.frames = FrameWalker(source, path)  # only zstd data frames; counts the payload
         dctx = zstandard.ZstdDecompressor(max_window_size=2**MAX_WINDOW_LOG)
-        self.reader = dctx.stream_reader(source, read_size=CHUNK, read_across_frames=True, closefd=False)
+        self.reader = dctx.stream_reader(self.frames, read_size=CHUNK, read_across_frames=True, closefd=False)
         self.pos = 0
         self.limit = MAX_MANIFEST_BYTES + (MAX_EXTENDED_HEADERS + 4) * (MAX_HEADER_BYTES + BLOCK)
 
@@ -320,7 +322,16 @@ class _Stream:
                                           "truncated; get a fresh copy")
             n -= len(chunk)
             self.pos += len(chunk)
+            self._check_ratio()
             yield chunk
+
+    def _check_ratio(self) -> None:
+        """The allowance comes from the payload read so far (data blocks, not headers or padding)."""
+        if self.pos > MAX_RATIO * self.frames.payload + RATIO_SLACK:
+            raise CorruptArchiveError(
+                f"{self.path}: the archive unpacks to over {MAX_RATIO}x its compressed payload "
+                f"({self.frames.payload} bytes of data blocks so far) + {RATIO_SLACK >> 20} MiB: a decompression "
+                "bomb; refusing it")
 
     def finish(self) -> None:
         """After the end-of-archive block: only zero padding (at most MAX_TRAILING bytes) may follow."""
@@ -724,7 +735,7 @@ def _scan(source: _Source, path: Path, extract_to: Path | None = None, manifest_
         raise CorruptArchiveError(f"{path}: {len(missing)} file(s) of the manifest are missing (first: "
                                   f"{missing[0]!r}); the archive is truncated or incomplete")
     stream.finish()
-    if source.read(1):
+    if stream.frames.read(1) or not stream.frames.at_frame_boundary:
         raise CorruptArchiveError(f"{path}: data after the end of the compressed stream; it was altered; "
                                   "refusing it")
     return manifest, source.sha256.hexdigest()
