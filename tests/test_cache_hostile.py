@@ -927,6 +927,67 @@ def test_install_waits_for_a_warm_and_keeps_its_work(tmp_path, tiny_archive, cap
     _assert_both(root, fp, warmed["blob"])
 
 
+@pytest.mark.parametrize("archive_has_blocks", [True, False])
+def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, capsys, monkeypatch,
+                                                                       archive_has_blocks):
+    """Issue 20, item 7: a warm stores a precompiled block (another input key) between install's checks and its
+    commit; after the install the entry has the archive's blocks and the warm's, each usable."""
+    from sd3plugin.cache import precompiled
+    from sd3plugin.cache.lock import cache_lock
+
+    env = environment()
+    src = make_cache(tmp_path / "src")
+    archive_block = (({"kind": "transformer_block", "key": "k-archive", "structure": "s"}, b"archive block " * 50))
+    if archive_has_blocks:
+        precompiled.write(src, FP, [archive_block], [], env)
+    path = tmp_path / "a.tar.zst"
+    assert cli("pack", "--cache-dir", str(src), "-o", str(path), capsys=capsys)[0] == 0
+    root = tmp_path / "cache"
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    real_check = archive_mod.check_compatibility
+
+    def check_then_warm(manifest, force=False):  # what warm's _store_precompiled does, under the lock
+        with cache_lock(root, 10, "warm"):
+            valid, _, _ = precompiled.usable(root, FP, env)
+            precompiled.write(root, FP, [({"kind": "transformer_block", "key": "k-warm", "structure": "s"},
+                                          b"warm block " * 70)], [r for r, _ in valid], env)
+        return real_check(manifest, force)
+
+    monkeypatch.setattr(archive_mod, "check_compatibility", check_then_warm)
+    code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
+    assert code == 0, text
+    warm_file = f"block-{precompiled.sha256(b'warm block ' * 70)[:12]}{precompiled.SUFFIX}"
+    assert data["kept_blobs"] == [f"{FP}/{precompiled.FOLDER}/{warm_file}"]
+    ok, bad, why = precompiled.usable(root, FP, env)
+    expected = {"k-warm": b"warm block " * 70, **({"k-archive": archive_block[1]} if archive_has_blocks else {})}
+    assert {r["key"]: d for r, d in ok} == expected and bad == [], why
+    meta = json.loads((root / "entries" / FP / "entry.json").read_text())
+    assert meta["precompiled"]["artefacts"] == len(expected)
+    assert store.check_files(root, full=True) == []
+    # the next install of the same archive keeps them again (nothing is lost by installing twice)
+    monkeypatch.setattr(archive_mod, "check_compatibility", real_check)
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    assert {r["key"] for r, _ in precompiled.usable(root, FP, env)[0]} == set(expected)
+
+
+def test_install_drops_damaged_local_precompiled_blocks(tmp_path, capsys):
+    """A local block whose bytes differ from its index record is not carried into the installed entry."""
+    from sd3plugin.cache import precompiled
+
+    env = environment()
+    src = make_cache(tmp_path / "src")
+    path = tmp_path / "a.tar.zst"
+    assert cli("pack", "--cache-dir", str(src), "-o", str(path), capsys=capsys)[0] == 0
+    root = tmp_path / "cache"
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    index = precompiled.write(root, FP, [({"key": "k"}, b"local block " * 40)], [], env)
+    block = precompiled.folder(root, FP) / index["artefacts"][0]["file"]
+    block.write_bytes(b"damaged")
+    code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
+    assert code == 0 and data["kept_blobs"] == [], text
+    assert not precompiled.folder(root, FP).exists()
+
+
 # -- signed archives ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def keys(tmp_path, capsys):

@@ -984,7 +984,7 @@ def _commit(staging: Path, root: Path, manifest: dict, record: dict) -> tuple[li
             name = p.relative_to(new / rel).as_posix()
             known = files.get(f"{rel}/{name}")
             records[f"{rel}/{name}"] = store.file_record(
-                p, known["sha256"] if known and name != store.ENTRY_FILE else None)
+                p, known["sha256"] if known and name not in _MERGED_FILES else None)
         txn.add(new / rel, rel)
     history = (store.read_json(root / store.INSTALLED) or {}).get("history", [])
     history = history if isinstance(history, list) else []
@@ -997,9 +997,13 @@ def _commit(staging: Path, root: Path, manifest: dict, record: dict) -> tuple[li
     return replaced, kept
 
 
+# files of an entry that _merge_entry may rewrite: their checksum is taken from the staged file
+_MERGED_FILES = (store.ENTRY_FILE, f"{precompiled.FOLDER}/{precompiled.INDEX}")
+
+
 def _merge_entry(old: Path, new: Path, entry: dict) -> list[str]:
-    """Keep what the cache's entry has and the archive's lacks (blobs of shapes a local ``warm`` added):
-    link them into the staged entry and merge its entry.json. Only when both were built for the same
+    """Keep what the cache's entry has and the archive's lacks (blobs of shapes and precompiled blocks a
+    local ``warm`` added): link them into the staged entry and merge its entry.json and block index. Only when both were built for the same
     environment. Returns the names kept."""
     old_meta = store.read_json(old / store.ENTRY_FILE) or {}
     new_meta = store.read_json(new / store.ENTRY_FILE)
@@ -1027,7 +1031,58 @@ def _merge_entry(old: Path, new: Path, entry: dict) -> list[str]:
     shapes = new_meta.get("shapes") if isinstance(new_meta.get("shapes"), list) else []
     old_shapes = old_meta.get("shapes") if isinstance(old_meta.get("shapes"), list) else []
     added = [s for s in old_shapes if s not in shapes]
-    if kept or added:
+    blocks = _merge_precompiled(old / precompiled.FOLDER, new / precompiled.FOLDER, new_meta,
+                                entry.get("environment") or {})
+    if kept or added or blocks:
         new_meta["shapes"] = shapes + added
         store.write_json(new / store.ENTRY_FILE, new_meta)
+    return kept + blocks
+
+
+def _merge_precompiled(old: Path, new: Path, new_meta: dict, archive_env: dict) -> list[str]:
+    """Keep the precompiled blocks the cache's entry has for inputs (``key``) the archive's lacks (what a
+    ``warm`` built while the install was checking the archive, or earlier), as shapes are merged: only
+    blocks whose bytes match their index record, of the environment of the archive's blocks. Links them
+    into the staged ``precompiled/`` folder, merges its index and the entry's summary; returns the names."""
+    old_index = store.read_json(old / precompiled.INDEX)
+    if (old.is_symlink() or not isinstance(old_index, dict) or old_index.get("format") != precompiled.FORMAT
+            or not isinstance(old_index.get("artefacts"), list)):
+        return []
+    new_index = store.read_json(new / precompiled.INDEX)
+    if isinstance(new_index, dict) and new_index.get("format") == precompiled.FORMAT:
+        target_env = new_index.get("environment") if isinstance(new_index.get("environment"), dict) else {}
+        records = [r for r in new_index.get("artefacts") or [] if isinstance(r, dict)]
+    else:
+        target_env, records = archive_env, []
+        new_index = {k: v for k, v in old_index.items() if k != "artefacts"}
+    old_env = old_index.get("environment") if isinstance(old_index.get("environment"), dict) else {}
+    if precompiled.environment_mismatch(old_env, target_env):
+        return []  # blocks of another torch / diffusers / sd3plugin would not load: warm rebuilds them
+    keys, names, kept = {r.get("key") for r in records}, {r.get("file") for r in records}, []
+    for record in old_index["artefacts"]:
+        name = record.get("file") if isinstance(record, dict) else None
+        if (not isinstance(name, str) or "/" in name or name.startswith(".") or not name.endswith(precompiled.SUFFIX)
+                or record.get("key") in keys or name in names):
+            continue
+        src = old / name
+        try:
+            if src.is_symlink() or not src.is_file() or store.sha256_file(src) != record.get("sha256"):
+                continue  # damaged or replaced: not carried over
+            new.mkdir(exist_ok=True)
+            try:
+                os.link(src, new / name)
+            except OSError:
+                shutil.copy2(src, new / name)
+        except OSError:
+            continue
+        records.append(record)
+        keys.add(record.get("key"))
+        names.add(name)
+        kept.append(f"{precompiled.FOLDER}/{name}")
+    if kept:
+        new_index["artefacts"] = records
+        store.write_json(new / precompiled.INDEX, new_index)
+        new_meta["precompiled"] = {**(new_meta.get("precompiled") if isinstance(new_meta.get("precompiled"), dict)
+                                      else {}),
+                                   "artefacts": len(records), "size_bytes": sum(r.get("size") or 0 for r in records)}
     return kept
