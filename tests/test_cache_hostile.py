@@ -29,7 +29,7 @@ import zstandard
 
 from sd3plugin.cache import store
 from sd3plugin.transforms.settings import activate
-from sd3plugin.cache import archive as archive_mod
+from sd3plugin.cache import archive_scan, install as install_mod, pack as pack_mod, tar_reader
 from sd3plugin.cache.archive import FORMAT, MANIFEST
 from sd3plugin.cache.manifest import environment
 from sd3plugin.cli.exit_codes import EXIT
@@ -499,7 +499,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
     evil, _ = _big_cache_archive(tmp_path, "evil", b"evil" * 2**18, capsys)
     path = tmp_path / "cache.tar.zst"
     shutil.copy(good, path)
-    real_read, swapped = archive_mod._Source.read, []
+    real_read, swapped = tar_reader.Source.read, []
 
     def read(self, n=-1):
         if not swapped and self.count:  # once, in the middle of the first pass
@@ -507,7 +507,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
             swapped.append(True)
         return real_read(self, n)
 
-    monkeypatch.setattr(archive_mod._Source, "read", read)
+    monkeypatch.setattr(tar_reader.Source, "read", read)
     target = tmp_path / "t"
     code, data, text = cli("install", str(path), "--cache-dir", str(target), "--expect-sha256", good_sha, "--json",
                            capsys=capsys)
@@ -518,7 +518,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
 
 def test_archive_changed_in_place_while_installing_is_refused(tmp_path, capsys, monkeypatch):
     good, good_sha = _big_cache_archive(tmp_path, "good", os.urandom(3 * 2**20), capsys)
-    real_scan, calls = archive_mod._scan, []
+    real_scan, calls = archive_scan.scan_source, []
 
     def scan(source, path, extract_to=None, manifest_only=False):
         calls.append(extract_to)
@@ -530,7 +530,7 @@ def test_archive_changed_in_place_while_installing_is_refused(tmp_path, capsys, 
                 f.write(bytes([byte[0] ^ 0xFF]))
         return real_scan(source, path, extract_to, manifest_only)
 
-    monkeypatch.setattr(archive_mod, "_scan", scan)
+    monkeypatch.setattr(archive_scan, "scan_source", scan)
     target = tmp_path / "t"
     code, data, text = cli("install", str(good), "--cache-dir", str(target), "--json", capsys=capsys)
     assert code == EXIT["corrupt"], text
@@ -811,7 +811,7 @@ def test_disk_full_while_packing_is_one_line(tmp_path, capsys, monkeypatch):
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(archive_mod._HashingWriter, "write", full)
+    monkeypatch.setattr(pack_mod._HashingWriter, "write", full)
     code, data, text = cli("pack", "--cache-dir", str(src), "-o", str(out / "a.tar.zst"), "--json", capsys=capsys)
     assert code == EXIT["cannot_write"] and "No space left on device" in data["error"], text
     assert "Traceback" not in text and list(out.iterdir()) == []
@@ -821,7 +821,7 @@ def test_not_enough_space_is_refused_before_writing(tmp_path, existing, capsys, 
     path = tmp_path / "a.tar.zst"
     path.write_bytes(plain_archive())
     before = tree(existing.parent)
-    monkeypatch.setattr(archive_mod.os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
+    monkeypatch.setattr(install_mod.os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
     code, data, _ = cli("install", str(path), "--cache-dir", str(existing), "--json", capsys=capsys)
     assert code == EXIT["cannot_write"] and "0 are free" in data["error"]
     assert tree(existing.parent) == before
@@ -890,13 +890,13 @@ def test_warm_during_the_checks_of_an_install_is_not_lost(tmp_path, tiny_archive
     """The race of issue 13: install checks the archive, a warm stores its blob meanwhile, install commits."""
     path, fp = tiny_archive
     root = tmp_path / "cache"
-    real_check, warmed = archive_mod.check_compatibility, {}
+    real_check, warmed = install_mod.check_compatibility, {}
 
     def check_then_warm(manifest, force=False):
         warmed.update(_finish_warm(_start_warm(root)))  # a whole warm between pass 1 and the lock
         return real_check(manifest, force)
 
-    monkeypatch.setattr(archive_mod, "check_compatibility", check_then_warm)
+    monkeypatch.setattr(install_mod, "check_compatibility", check_then_warm)
     code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
     assert code == 0, text
     assert data["replaced_entries"] == [fp] and data["kept_blobs"] == [f"{fp}/{warmed['blob']}"]
@@ -908,13 +908,13 @@ def test_install_waits_for_a_warm_and_keeps_its_work(tmp_path, tiny_archive, cap
     root = tmp_path / "cache"
     warm = _start_warm(root)  # holds the lock, "compiling"
     waiting = threading.Event()
-    real_lock = archive_mod.cache_lock
+    real_lock = install_mod.cache_lock
 
     def lock(*a, **k):
         waiting.set()
         return real_lock(*a, **k)
 
-    monkeypatch.setattr(archive_mod, "cache_lock", lock)
+    monkeypatch.setattr(install_mod, "cache_lock", lock)
     result = {}
     t = threading.Thread(target=lambda: result.update(code=cli("install", str(path), "--cache-dir", str(root),
                                                                "--lock-timeout", "120")[0]))
@@ -944,7 +944,7 @@ def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, 
     assert cli("pack", "--cache-dir", str(src), "-o", str(path), capsys=capsys)[0] == 0
     root = tmp_path / "cache"
     assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
-    real_check = archive_mod.check_compatibility
+    real_check = install_mod.check_compatibility
 
     def check_then_warm(manifest, force=False):  # what warm's _store_precompiled does, under the lock
         with cache_lock(root, 10, "warm"):
@@ -953,7 +953,7 @@ def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, 
                                           b"warm block " * 70)], [r for r, _ in valid], env)
         return real_check(manifest, force)
 
-    monkeypatch.setattr(archive_mod, "check_compatibility", check_then_warm)
+    monkeypatch.setattr(install_mod, "check_compatibility", check_then_warm)
     code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
     assert code == 0, text
     warm_file = f"block-{precompiled.sha256(b'warm block ' * 70)[:12]}{precompiled.SUFFIX}"
@@ -965,7 +965,7 @@ def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, 
     assert meta["precompiled"]["artefacts"] == len(expected)
     assert store.check_files(root, full=True) == []
     # the next install of the same archive keeps them again (nothing is lost by installing twice)
-    monkeypatch.setattr(archive_mod, "check_compatibility", real_check)
+    monkeypatch.setattr(install_mod, "check_compatibility", real_check)
     assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
     assert {r["key"] for r, _ in precompiled.usable(root, FP, env)[0]} == set(expected)
 
@@ -1031,7 +1031,7 @@ def test_untrusted_archives_are_refused_before_reading_them(tmp_path, keys, caps
     src = make_cache(tmp_path / "src")
     path = tmp_path / "a.tar.zst"
     assert cli("pack", "--cache-dir", str(src), "-o", str(path), "--sign", str(keys["ci"][0]), capsys=capsys)[0] == 0
-    monkeypatch.setattr(archive_mod, "_scan", never)
+    monkeypatch.setattr(archive_scan, "scan_source", never)
     trust = ("--trust", str(keys["ci"][1]))
     # wrong key
     _refused_untrusted(tmp_path, path, capsys, "--trust", str(keys["other"][1]), message="does not verify")

@@ -1,9 +1,10 @@
 """Signed archives: Ed25519 detached signatures (``ARCHIVE.sig``) over the archive's sha256.
 
 ``pack --sign KEY`` writes the signature; ``install --trust PUBKEY`` and ``SD3PLUGIN_TRUSTED_KEY`` (a
-list of public-key files separated by ``:``; ``--trust`` adds to it) refuse an archive that is unsigned or whose signature does
-not verify with one of the trusted keys, before reading anything of the archive but its bytes for the
-hash. Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), as written by
+list of public-key files separated by ``:``; ``--trust`` adds to it) refuse an archive that is unsigned
+or whose signature does not verify with one of the trusted keys, before reading anything of the archive
+but its bytes for the hash. A trust setting that is present but names no key is an error, never "no
+signature needed". Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), as written by
 ``sd3plugin-cache keygen`` or ``openssl genpkey -algorithm ed25519``.
 
 The signature file is four text lines::
