@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..compat.hydra import apply_overrides, isolated_global_hydra, parse_overrides
 from ..errors import ConfigError
-from ..regular_file import read_regular
 from . import schema
 from .presets import CONFIG_MODULE, GROUPS, conf_dir, group_options, preset_node, unknown_option  # noqa: F401
 from .validate import check_choice, choices, validate
@@ -163,6 +162,8 @@ def compose(cfg: DictConfig | Mapping | str | os.PathLike | None = None,
 
 
 def _load_user_cfg(cfg) -> DictConfig:
+    from ..regular_file import read_regular  # config imports only config/errors/compat at import time
+
     if isinstance(cfg, (str, os.PathLike)):
         path = Path(cfg).expanduser()
         try:  # non-blocking + fstat: a FIFO or device given as the config is refused, never waited on

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from ..regular_file import read_regular
 
 MAX_SUBMODULES_BYTES = 64 * 2**20  # quant.submodules_config_path (a JSON file)
 
@@ -95,6 +94,8 @@ def check_quant_config(qcfg, tokens=(), device: Optional[str] = None, dtype: Opt
 
 def read_submodules_json(path) -> dict[str, float]:
     """Read the seed's JSON form ``{module_name: {"ssim": 0.99, ...}, ...}`` -> {name: ssim}."""
+    from ..regular_file import read_regular  # config imports only config/errors/compat at import time
+
     path = Path(str(path)).expanduser()
     try:  # non-blocking + fstat: a FIFO or device is refused, never waited on
         raw = read_regular(path, MAX_SUBMODULES_BYTES)
