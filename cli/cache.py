@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -94,7 +95,18 @@ def _debug() -> None:
         traceback.print_exc()
 
 
+def one_line(message: str) -> str:
+    """``message`` as one printable line: control characters, line separators and lone surrogates (which a
+    hostile archive may put into a name or value) are shown escaped, never printed."""
+    message = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], message)
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _fail(args, message: str, code: int) -> None:
+    message = one_line(message)
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": message, "exit_code": code}))
     print(message, file=sys.stderr)

@@ -14,8 +14,8 @@ def add_parser(sub):
     p.add_argument("target", nargs="?", metavar="FINGERPRINT|ARCHIVE")
     p.add_argument("--files", action="store_true", help="with an archive: list every file too")
     p.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
-                   help="with an archive: check its signature with this public key (default: "
-                        "$SD3PLUGIN_TRUSTED_KEY)")
+                   help="with an archive: check its signature with this Ed25519 public key (PEM); repeatable; "
+                        "adds to $SD3PLUGIN_TRUSTED_KEY (':'-separated key files), never replaces it")
     return add_common(p, overrides=False)
 
 

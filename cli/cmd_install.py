@@ -18,8 +18,10 @@ def add_parser(sub):
                    help="install even if built for another torch/triton/python/GPU (never skips checksums)")
     p.add_argument("--expect-sha256", metavar="HEX", help="refuse unless the archive file has this sha256")
     p.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
-                   help="refuse unless ARCHIVE.sig is a valid signature by this Ed25519 public key (PEM); "
-                        "repeatable; default: the files in $SD3PLUGIN_TRUSTED_KEY (':'-separated)")
+                   help="refuse unless ARCHIVE.sig is a valid signature by this Ed25519 public key (PEM) or one "
+                        "of $SD3PLUGIN_TRUSTED_KEY's (':'-separated key files); repeatable; adds to "
+                        "$SD3PLUGIN_TRUSTED_KEY, never replaces it; an empty --trust or a set but empty "
+                        "$SD3PLUGIN_TRUSTED_KEY is an error (exit 2), never an unsigned install")
     p.add_argument("--signature", metavar="FILE", help="the signature file (default: ARCHIVE.sig)")
     return add_common(p, lock=True, overrides=True)
 

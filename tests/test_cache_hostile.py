@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ import zstandard
 from sd3plugin.cache import store
 from sd3plugin.cache.lock import maintain
 from sd3plugin.transforms.settings import activate
-from sd3plugin.cache import archive as archive_mod
+from sd3plugin.cache import archive_scan, install as install_mod, pack as pack_mod, tar_reader
 from sd3plugin.cache.archive import FORMAT, MANIFEST
 from sd3plugin.cache.manifest import environment
 from sd3plugin.cli.exit_codes import EXIT
@@ -264,7 +265,86 @@ def _corpus() -> dict:
     raw("checksum_mismatch", "corrupt", "checksum mismatch for 'inductor/zz/kernel.py'",
         lambda: zst(mm, member(f"entries/{FP}/entry.json", files[f"entries/{FP}/entry.json"]),
                     member("inductor/zz/kernel.py", b"print('HI')\n"), END))
+    # 5. hostile names (issue 20): each a corrupt archive, exit 4, one line; in the manifest or in the tar stream
+    def named(name, data=b"x"):  # the manifest lists ``name`` and the stream carries it (a PAX path)
+        return lambda: zst(manifest_member(manifest_for({**files, name: data})), body,
+                           member("pax", pax_records({"path": name}), b"x"), tar_header("x", len(data)) + pad(data),
+                           END)
+
+    def in_stream_only(name):  # a valid manifest; the stream has an extra member named ``name``
+        return lambda: zst(mm, member("pax", pax_records({"path": name}), b"x"), tar_header("x", 1) + pad(b"x"),
+                           body, END)
+
+    deep = "inductor/" + "a/" * 2000 + "x.py"  # 4,000 characters: RecursionError in mkdir(parents=True)
+    raw("name_nested_4000_characters", "corrupt", "a name over 1024 bytes", named(deep))
+    raw("name_nested_17_folders", "corrupt", "over 16 folders deep", named("inductor/" + "a/" * 17 + "x.py"))
+    raw("name_nested_in_stream", "corrupt", "over 16 folders deep", in_stream_only("inductor/" + "a/" * 40 + "x"))
+    raw("name_lone_surrogate_in_manifest", "corrupt", "lone surrogate",
+        lambda: zst(manifest_member(json.dumps(manifest_for({**files, "inductor/zz/\ud800.py": b"x"})).encode()),
+                    body, END))
+    raw("name_lone_surrogate_in_a_value", "corrupt", "lone surrogate",
+        lambda: zst(manifest_member(json.dumps({**m, "note": "\udfff"}).encode()), body, END))
+    wide = "inductor/" + "/".join(["\u4e2d" * 80] * 16) + ".py"  # 16 parts of 240 bytes: under 255 each
+    raw("name_long_and_wide", "corrupt", "a name over 1024 bytes", named(wide))
+    raw("name_long_and_wide_in_stream", "corrupt", "a name over 1024 bytes", in_stream_only(wide))
+    raw("name_part_over_255_bytes", "corrupt", "a path component over 255 bytes",
+        named("inductor/" + "\u00e9" * 130 + ".py"))
+    for label, char in (("c1_next_line", "\x85"), ("c1_csi", "\x9b"), ("del", "\x7f"), ("newline", "\n"),
+                        ("line_separator", "\u2028"), ("bidi_override", "\u202e")):
+        raw(f"name_{label}", "corrupt", "a control character, line separator or lone surrogate",
+            named(f"inductor/zz/evil{char}.py"))
+        raw(f"name_{label}_in_stream", "corrupt", "a control character, line separator or lone surrogate",
+            in_stream_only(f"inductor/zz/evil{char}.py"))
+    raw("environment_value_with_a_newline", "corrupt", "no valid environment",
+        lambda: zst(manifest_member({**m, "environment": {**m["environment"], "torch": "9.9\nall good"}}), body,
+                    END))
+    # 6. the manifest's memory bound (issue 20): names checked before any is expanded into its folders
+    one_char = ["inductor/" + "/".join("abcdefghij"[(i + k) % 10] for k in range(2040)) + f"{i}" for i in range(1000)]
+    raw("manifest_1000_names_of_4090_characters", "corrupt", "a name over 1024 bytes",
+        lambda: zst(manifest_member(manifest_for({**files, **{n: b"" for n in one_char}})), body, END))
+    expand = {f"inductor/{i:05d}/" + "/".join([f"{k:x}" * 60 for k in range(14)]) + "/f": b"" for i in range(2600)}
+    raw("manifest_folders_over_the_bound", "corrupt", "folders add up to over",
+        lambda: zst(manifest_member(manifest_for({**files, **expand})), body, END))
+    # 7. zstd frames that are not data (issue 20): refused wherever they are; the allowance is the real payload
+    raw("zstd_skippable_frame_before", "corrupt", "a zstd skippable frame at byte 0",
+        lambda: skippable(100) + zst(mm, body, END))
+    raw("zstd_skippable_frame_between", "corrupt", "a zstd skippable frame at byte",
+        lambda: zst(mm) + skippable(10) + zst(body, END))
+    raw("zstd_skippable_frame_after", "corrupt", "a zstd skippable frame at byte",
+        lambda: zst(mm, body, END) + skippable(0))
+    raw("zstd_skippable_padding_2MiB", "corrupt", "a zstd skippable frame at byte",
+        lambda: zeros_bomb(skippable(2 * 2**20)))
+    raw("zstd_empty_block_padding_2MiB", "corrupt", "over 1000x its compressed payload",
+        lambda: zeros_bomb(empty_blocks(700_000)))
+    raw("zstd_data_after_the_frames", "corrupt", "data after the end of the compressed stream",
+        lambda: zst(mm, body, END) + b"\0" * 64)
     return C
+
+
+def skippable(n: int, magic: int = 0x184D2A53) -> bytes:
+    return struct.pack("<II", magic, n) + b"\0" * n
+
+
+def empty_blocks(n: int) -> bytes:
+    """One zstd frame of ``n`` empty raw blocks: valid, decompresses to nothing, ~3 bytes per block."""
+    return struct.pack("<I", 0xFD2FB528) + b"\x00\x00" + b"\x00\x00\x00" * n + b"\x01\x00\x00"
+
+
+def zeros_bomb(padding: bytes, size: int = 128 * 2**20) -> bytes:
+    """A consistent archive with a ``size``-byte file of zeros (a few KB compressed) after ``padding``: the
+    padding would raise the allowance (1000 x archive bytes) over ``size`` if it counted."""
+    files = good_files()
+    m = manifest_for(files)
+    zero, h = bytes(2**20), hashlib.sha256()
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(buf, closefd=False) as w:
+        for _ in range(size >> 20):
+            h.update(zero)
+            w.write(zero)
+    m["files"]["inductor/zz/big.bin"] = {"size": size, "sha256": h.hexdigest()}
+    m["total_bytes"] += size
+    head = zst(manifest_member(m), *(member(k, v) for k, v in files.items()), tar_header("inductor/zz/big.bin", size))
+    return head + padding + buf.getvalue() + zst(END)
 
 
 CORPUS = _corpus()
@@ -357,7 +437,10 @@ def test_hostile_corpus_is_refused_with_bounded_memory(tmp_path, existing):
     # info reads only the manifest, with the same limits: what follows it does not matter
     info = {"longname_first_1GiB": "corrupt", "pax_global_1GiB": "corrupt", "manifest_nested_200k": "corrupt",
             "manifest_over_limit": "corrupt", "manifest_too_many_containers": "corrupt", "gnu_longname_1GiB": "ok",
-            "zstd_bomb_consistent_manifest": "ok"}
+            "zstd_bomb_consistent_manifest": "ok", "name_lone_surrogate_in_manifest": "corrupt",
+            "name_nested_4000_characters": "corrupt", "name_long_and_wide": "corrupt", "name_c1_next_line": "corrupt",
+            "manifest_1000_names_of_4090_characters": "corrupt", "manifest_folders_over_the_bound": "corrupt",
+            "environment_value_with_a_newline": "corrupt", "zstd_skippable_frame_before": "corrupt"}
     for name in info:
         runs.append(["info", str(arch_dir / f"{name}.tar.zst"), "--json"])
     before = {name: tree(work) for name, _, _, work in cases}
@@ -388,6 +471,18 @@ def test_a_valid_archive_installs_with_bounded_memory(tmp_path):
     assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB"
 
 
+def test_archives_of_several_data_frames_install(tmp_path, capsys):
+    """Data frames, however many, are the archive; only frames that are not data are refused."""
+    files = good_files()
+    body = [member(k, v) for k, v in files.items()]
+    path = tmp_path / "frames.tar.zst"
+    path.write_bytes(zst(manifest_member(manifest_for(files))) + b"".join(zst(b) for b in body) + empty_blocks(3)
+                     + zst(END))
+    code, data, text = cli("install", str(path), "--cache-dir", str(tmp_path / "c"), "--json", capsys=capsys)
+    assert code == 0, text
+    assert (tmp_path / "c" / "inductor" / "zz" / "kernel.py").read_bytes() == files["inductor/zz/kernel.py"]
+
+
 # -- the bytes hashed are the bytes installed -----------------------------------------------------------------
 def _big_cache_archive(tmp_path, name, content: bytes, capsys) -> tuple[Path, str]:
     src = make_cache(tmp_path / f"src-{name}")
@@ -405,7 +500,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
     evil, _ = _big_cache_archive(tmp_path, "evil", b"evil" * 2**18, capsys)
     path = tmp_path / "cache.tar.zst"
     shutil.copy(good, path)
-    real_read, swapped = archive_mod._Source.read, []
+    real_read, swapped = tar_reader.Source.read, []
 
     def read(self, n=-1):
         if not swapped and self.count:  # once, in the middle of the first pass
@@ -413,7 +508,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
             swapped.append(True)
         return real_read(self, n)
 
-    monkeypatch.setattr(archive_mod._Source, "read", read)
+    monkeypatch.setattr(tar_reader.Source, "read", read)
     target = tmp_path / "t"
     code, data, text = cli("install", str(path), "--cache-dir", str(target), "--expect-sha256", good_sha, "--json",
                            capsys=capsys)
@@ -424,7 +519,7 @@ def test_expect_sha256_installs_the_bytes_it_hashed(tmp_path, capsys, monkeypatc
 
 def test_archive_changed_in_place_while_installing_is_refused(tmp_path, capsys, monkeypatch):
     good, good_sha = _big_cache_archive(tmp_path, "good", os.urandom(3 * 2**20), capsys)
-    real_scan, calls = archive_mod._scan, []
+    real_scan, calls = archive_scan.scan_source, []
 
     def scan(source, path, extract_to=None, manifest_only=False):
         calls.append(extract_to)
@@ -436,7 +531,7 @@ def test_archive_changed_in_place_while_installing_is_refused(tmp_path, capsys, 
                 f.write(bytes([byte[0] ^ 0xFF]))
         return real_scan(source, path, extract_to, manifest_only)
 
-    monkeypatch.setattr(archive_mod, "_scan", scan)
+    monkeypatch.setattr(archive_scan, "scan_source", scan)
     target = tmp_path / "t"
     code, data, text = cli("install", str(good), "--cache-dir", str(target), "--json", capsys=capsys)
     assert code == EXIT["corrupt"], text
@@ -718,7 +813,7 @@ def test_disk_full_while_packing_is_one_line(tmp_path, capsys, monkeypatch):
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(archive_mod._HashingWriter, "write", full)
+    monkeypatch.setattr(pack_mod._HashingWriter, "write", full)
     code, data, text = cli("pack", "--cache-dir", str(src), "-o", str(out / "a.tar.zst"), "--json", capsys=capsys)
     assert code == EXIT["cannot_write"] and "No space left on device" in data["error"], text
     assert "Traceback" not in text and list(out.iterdir()) == []
@@ -728,7 +823,7 @@ def test_not_enough_space_is_refused_before_writing(tmp_path, existing, capsys, 
     path = tmp_path / "a.tar.zst"
     path.write_bytes(plain_archive())
     before = tree(existing.parent)
-    monkeypatch.setattr(archive_mod.os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
+    monkeypatch.setattr(install_mod.os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
     code, data, _ = cli("install", str(path), "--cache-dir", str(existing), "--json", capsys=capsys)
     assert code == EXIT["cannot_write"] and "0 are free" in data["error"]
     assert tree(existing.parent) == before
@@ -797,13 +892,13 @@ def test_warm_during_the_checks_of_an_install_is_not_lost(tmp_path, tiny_archive
     """The race of issue 13: install checks the archive, a warm stores its blob meanwhile, install commits."""
     path, fp = tiny_archive
     root = tmp_path / "cache"
-    real_check, warmed = archive_mod.check_compatibility, {}
+    real_check, warmed = install_mod.check_compatibility, {}
 
     def check_then_warm(manifest, force=False):
         warmed.update(_finish_warm(_start_warm(root)))  # a whole warm between pass 1 and the lock
         return real_check(manifest, force)
 
-    monkeypatch.setattr(archive_mod, "check_compatibility", check_then_warm)
+    monkeypatch.setattr(install_mod, "check_compatibility", check_then_warm)
     code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
     assert code == 0, text
     assert data["replaced_entries"] == [fp] and data["kept_blobs"] == [f"{fp}/{warmed['blob']}"]
@@ -815,13 +910,13 @@ def test_install_waits_for_a_warm_and_keeps_its_work(tmp_path, tiny_archive, cap
     root = tmp_path / "cache"
     warm = _start_warm(root)  # holds the lock, "compiling"
     waiting = threading.Event()
-    real_lock = archive_mod.cache_lock
+    real_lock = install_mod.cache_lock
 
     def lock(*a, **k):
         waiting.set()
         return real_lock(*a, **k)
 
-    monkeypatch.setattr(archive_mod, "cache_lock", lock)
+    monkeypatch.setattr(install_mod, "cache_lock", lock)
     result = {}
     t = threading.Thread(target=lambda: result.update(code=cli("install", str(path), "--cache-dir", str(root),
                                                                "--lock-timeout", "120")[0]))
@@ -832,6 +927,67 @@ def test_install_waits_for_a_warm_and_keeps_its_work(tmp_path, tiny_archive, cap
     t.join(120)
     assert result["code"] == 0
     _assert_both(root, fp, warmed["blob"])
+
+
+@pytest.mark.parametrize("archive_has_blocks", [True, False])
+def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, capsys, monkeypatch,
+                                                                       archive_has_blocks):
+    """Issue 20, item 7: a warm stores a precompiled block (another input key) between install's checks and its
+    commit; after the install the entry has the archive's blocks and the warm's, each usable."""
+    from sd3plugin.cache import precompiled
+    from sd3plugin.cache.lock import cache_lock
+
+    env = environment()
+    src = make_cache(tmp_path / "src")
+    archive_block = (({"kind": "transformer_block", "key": "k-archive", "structure": "s"}, b"archive block " * 50))
+    if archive_has_blocks:
+        precompiled.write(src, FP, [archive_block], [], env)
+    path = tmp_path / "a.tar.zst"
+    assert cli("pack", "--cache-dir", str(src), "-o", str(path), capsys=capsys)[0] == 0
+    root = tmp_path / "cache"
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    real_check = install_mod.check_compatibility
+
+    def check_then_warm(manifest, force=False):  # what warm's _store_precompiled does, under the lock
+        with cache_lock(root, 10, "warm"):
+            valid, _, _ = precompiled.usable(root, FP, env)
+            precompiled.write(root, FP, [({"kind": "transformer_block", "key": "k-warm", "structure": "s"},
+                                          b"warm block " * 70)], [r for r, _ in valid], env)
+        return real_check(manifest, force)
+
+    monkeypatch.setattr(install_mod, "check_compatibility", check_then_warm)
+    code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
+    assert code == 0, text
+    warm_file = f"block-{precompiled.sha256(b'warm block ' * 70)[:12]}{precompiled.SUFFIX}"
+    assert data["kept_blobs"] == [f"{FP}/{precompiled.FOLDER}/{warm_file}"]
+    ok, bad, why = precompiled.usable(root, FP, env)
+    expected = {"k-warm": b"warm block " * 70, **({"k-archive": archive_block[1]} if archive_has_blocks else {})}
+    assert {r["key"]: d for r, d in ok} == expected and bad == [], why
+    meta = json.loads((root / "entries" / FP / "entry.json").read_text())
+    assert meta["precompiled"]["artefacts"] == len(expected)
+    assert store.check_files(root, full=True) == []
+    # the next install of the same archive keeps them again (nothing is lost by installing twice)
+    monkeypatch.setattr(install_mod, "check_compatibility", real_check)
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    assert {r["key"] for r, _ in precompiled.usable(root, FP, env)[0]} == set(expected)
+
+
+def test_install_drops_damaged_local_precompiled_blocks(tmp_path, capsys):
+    """A local block whose bytes differ from its index record is not carried into the installed entry."""
+    from sd3plugin.cache import precompiled
+
+    env = environment()
+    src = make_cache(tmp_path / "src")
+    path = tmp_path / "a.tar.zst"
+    assert cli("pack", "--cache-dir", str(src), "-o", str(path), capsys=capsys)[0] == 0
+    root = tmp_path / "cache"
+    assert cli("install", str(path), "--cache-dir", str(root), capsys=capsys)[0] == 0
+    index = precompiled.write(root, FP, [({"key": "k"}, b"local block " * 40)], [], env)
+    block = precompiled.folder(root, FP) / index["artefacts"][0]["file"]
+    block.write_bytes(b"damaged")
+    code, data, text = cli("install", str(path), "--cache-dir", str(root), "--json", capsys=capsys)
+    assert code == 0 and data["kept_blobs"] == [], text
+    assert not precompiled.folder(root, FP).exists()
 
 
 # -- signed archives ----------------------------------------------------------------------------------------------
@@ -877,7 +1033,7 @@ def test_untrusted_archives_are_refused_before_reading_them(tmp_path, keys, caps
     src = make_cache(tmp_path / "src")
     path = tmp_path / "a.tar.zst"
     assert cli("pack", "--cache-dir", str(src), "-o", str(path), "--sign", str(keys["ci"][0]), capsys=capsys)[0] == 0
-    monkeypatch.setattr(archive_mod, "_scan", never)
+    monkeypatch.setattr(archive_scan, "scan_source", never)
     trust = ("--trust", str(keys["ci"][1]))
     # wrong key
     _refused_untrusted(tmp_path, path, capsys, "--trust", str(keys["other"][1]), message="does not verify")
@@ -1031,6 +1187,25 @@ def test_unexpected_errors_are_one_line(tmp_path, capsys, monkeypatch):
     code, _, text = cli("ls", "--cache-dir", str(tmp_path), capsys=capsys)
     assert code == EXIT["error"] and text.strip().count("\n") == 0 and "RuntimeError: something odd" in text
     assert "Traceback" not in text
+
+
+def test_messages_with_control_characters_or_surrogates_are_one_line(tmp_path, capsys, monkeypatch):
+    from sd3plugin.cache.errors import CorruptArchiveError
+    from sd3plugin.cli import cmd_ls
+
+    def boom(root):
+        raise CorruptArchiveError("name evil\ud800\nsecond line\x85third\u2028fourth")
+
+    monkeypatch.setattr(cmd_ls, "summary", boom)
+    from sd3plugin.cli.cache import main
+
+    for extra in ((), ("--json",)):
+        assert main(["ls", "--cache-dir", str(tmp_path), *extra]) == EXIT["corrupt"]
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+        assert "evil\\ud800\\nsecond line\\x85third\\u2028fourth" in err, err
+        if extra:
+            assert json.loads(out)["error"] == err.strip()
 
 
 def test_archive_path_that_is_not_a_file(tmp_path, capsys):

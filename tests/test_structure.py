@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parent.parent / "sd3plugin"
 
 # Lower number = lower layer. Keys are module paths relative to the package (a folder covers its modules).
 LAYERS = {
-    "errors": 0, "compat": 0, "global_settings": 0, "environment": 0, "progress": 0, "startup": 0,
+    "errors": 0, "compat": 0, "global_settings": 0, "environment": 0, "progress": 0, "startup": 0, "regular_file": 0,
     "config": 1, "models": 1, "memory_check": 1, "model_source": 1,
     "plan": 2, "cache": 2,
     "kernels": 3, "backends": 3, "quant": 3,

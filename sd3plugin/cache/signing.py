@@ -1,9 +1,10 @@
 """Signed archives: Ed25519 detached signatures (``ARCHIVE.sig``) over the archive's sha256.
 
-``pack --sign KEY`` writes the signature; ``install --trust PUBKEY`` (or ``SD3PLUGIN_TRUSTED_KEY``, a
-list of public-key files separated by ``:``) refuses an archive that is unsigned or whose signature does
-not verify with one of the trusted keys, before reading anything of the archive but its bytes for the
-hash. Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), as written by
+``pack --sign KEY`` writes the signature; ``install --trust PUBKEY`` and ``SD3PLUGIN_TRUSTED_KEY`` (a
+list of public-key files separated by ``:``; ``--trust`` adds to it) refuse an archive that is unsigned
+or whose signature does not verify with one of the trusted keys, before reading anything of the archive
+but its bytes for the hash. A trust setting that is present but names no key is an error, never "no
+signature needed". Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), as written by
 ``sd3plugin-cache keygen`` or ``openssl genpkey -algorithm ed25519``.
 
 The signature file is four text lines::
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .errors import CacheWriteError, UntrustedArchiveError
+from ..regular_file import read_regular
 
 MAGIC = "sd3plugin-cache-signature/1"
 SUFFIX = ".sig"
@@ -48,8 +50,7 @@ def key_id(public_key) -> str:
 def _read_key_file(path: str | Path, what: str) -> bytes:
     path = Path(path).expanduser()
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
+        data = read_regular(path, MAX_KEY_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {str(path)!r}: {exc.strerror}") from None
     if len(data) > MAX_KEY_BYTES:
@@ -87,11 +88,34 @@ def load_public_key(path: str | Path):
 
 
 def trusted_keys(paths: list[str] | None = None) -> list:
-    """The trusted public keys: ``--trust`` files, else those of ``$SD3PLUGIN_TRUSTED_KEY``."""
-    paths = [p for p in (paths or []) if p]
-    if not paths:
-        paths = [p for p in os.environ.get(ENV_TRUSTED, "").split(os.pathsep) if p.strip()]
-    return [load_public_key(p) for p in paths]
+    """The trusted public keys: those of ``$SD3PLUGIN_TRUSTED_KEY`` plus the ``--trust`` files (``--trust``
+    adds to the environment's keys, it never replaces them).
+
+    Fails closed: a setting that is present but names no key (``--trust ""``, the variable set to
+    ``""``, ``" "``, ``":"``...) is a ConfigError, never "no key, so no signature needed".
+    """
+    keys, seen = [], set()
+    env = os.environ.get(ENV_TRUSTED)
+    if env is not None:
+        names = [p for p in env.split(os.pathsep) if p.strip()]
+        if not names:
+            raise ConfigError(f"${ENV_TRUSTED} is set to {env!r}, which names no key file; set it to the public "
+                              f"key file(s) to trust (separated by {os.pathsep!r}), or unset it")
+        for p in env.split(os.pathsep):
+            if p and not p.strip():
+                raise ConfigError(f"${ENV_TRUSTED} {env!r} has an empty or blank key file name; remove it")
+        keys += [(p, "$" + ENV_TRUSTED) for p in env.split(os.pathsep) if p]
+    for p in paths or []:
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"--trust {p!r} names no key file; give the path of an Ed25519 public key (PEM)")
+        keys.append((p, "--trust"))
+    out = []
+    for p, _ in keys:
+        key = load_public_key(p)
+        if key_id(key) not in seen:
+            seen.add(key_id(key))
+            out.append(key)
+    return out
 
 
 def _message(digest: str) -> bytes:
@@ -118,8 +142,7 @@ def write_signature(archive: Path, private_key, digest: str) -> Path:
 def read_signature(path: Path, archive: Path) -> dict:
     """The fields of a signature file; UntrustedArchiveError when missing or malformed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIG_BYTES + 1)
+        data = read_regular(path, MAX_SIG_BYTES)
     except FileNotFoundError:
         raise UntrustedArchiveError(
             f"{archive}: not signed (no {path.name} beside it) and a trusted key is set (--trust or "

@@ -20,6 +20,8 @@ from . import schema
 from .presets import CONFIG_MODULE, GROUPS, conf_dir, group_options, preset_node, unknown_option  # noqa: F401
 from .validate import check_choice, choices, validate
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a YAML config file
+
 __all__ = ["compose", "validate", "normalize_overrides", "group_options", "to_json", "GROUPS"]
 
 
@@ -160,11 +162,23 @@ def compose(cfg: DictConfig | Mapping | str | os.PathLike | None = None,
 
 
 def _load_user_cfg(cfg) -> DictConfig:
+    from ..regular_file import read_regular  # config imports only config/errors/compat at import time
+
     if isinstance(cfg, (str, os.PathLike)):
         path = Path(cfg).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file path")
-        return OmegaConf.load(path)
+        try:  # non-blocking + fstat: a FIFO or device given as the config is refused, never waited on
+            data = read_regular(path, MAX_CONFIG_BYTES)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file path") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {str(path)!r}: {exc.strerror}; give a YAML file "
+                              "path") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES} bytes; give a YAML config")
+        try:
+            return OmegaConf.create(data.decode("utf-8") or "{}")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; give a YAML file path") from None
     if isinstance(cfg, DictConfig):
         return cfg
     if isinstance(cfg, Mapping):

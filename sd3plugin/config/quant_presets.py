@@ -14,6 +14,8 @@ from typing import Optional
 
 from ..errors import ConfigError
 
+MAX_SUBMODULES_BYTES = 64 * 2**20  # quant.submodules_config_path (a JSON file)
+
 
 @dataclass(frozen=True)
 class QuantPreset:
@@ -92,12 +94,20 @@ def check_quant_config(qcfg, tokens=(), device: Optional[str] = None, dtype: Opt
 
 def read_submodules_json(path) -> dict[str, float]:
     """Read the seed's JSON form ``{module_name: {"ssim": 0.99, ...}, ...}`` -> {name: ssim}."""
+    from ..regular_file import read_regular  # config imports only config/errors/compat at import time
+
     path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"quant.submodules_config_path={str(path)!r} does not exist; give the JSON file "
-                          "mapping module names to metrics (e.g. fp8_e4m3.json) or leave it unset")
+    try:  # non-blocking + fstat: a FIFO or device is refused, never waited on
+        raw = read_regular(path, MAX_SUBMODULES_BYTES)
+    except OSError as exc:
+        why = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+        raise ConfigError(f"quant.submodules_config_path={str(path)!r} {why}; give the JSON file "
+                          "mapping module names to metrics (e.g. fp8_e4m3.json) or leave it unset") from None
+    if len(raw) > MAX_SUBMODULES_BYTES:
+        raise ConfigError(f"quant.submodules_config_path={str(path)!r} is over {MAX_SUBMODULES_BYTES} bytes; "
+                          "give the JSON file mapping module names to metrics")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"quant.submodules_config_path={str(path)!r} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not data:
