@@ -953,6 +953,7 @@ def test_install_keeps_the_precompiled_blocks_a_concurrent_warm_built(tmp_path, 
             valid, _, _ = precompiled.usable(root, FP, env)
             precompiled.write(root, FP, [({"kind": "transformer_block", "key": "k-warm", "structure": "s"},
                                           b"warm block " * 70)], [r for r, _ in valid], env)
+            store.refresh_checksums(root)  # as warm does after storing its blocks
         return real_check(manifest, force)
 
     monkeypatch.setattr(install_mod, "check_compatibility", check_then_warm)
