@@ -43,6 +43,8 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +60,7 @@ from .test_cache_hostile import END, pad, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RSS_LIMIT_MB = 400            # docs/cache.md, "Guarantees"
-RSS_KILL_MB = 700             # the worker ends itself beyond this (the machine is shared)
+RSS_KILL_MB = 450             # the worker ends itself beyond this (the machine is shared)
 TIME_BASE_S = 3.0             # CPU seconds of one command on any archive, plus
 TIME_PER_BYTE_S = 1000 / 20e6  # each archive byte may unpack to 1000 bytes, handled at >= 20 MB/s
 ESCAPE = "sd3fuzz-escape"     # the name hostile paths aim at, outside the cache dir
@@ -74,7 +76,9 @@ def _settings(n: int):
 
 
 FAST = {"tar": 45, "manifest": 45, "zstd": 35}
-SLOW_N = int(os.environ.get("SD3PLUGIN_FUZZ_EXAMPLES", "3400"))
+SLOW = {"tar": 4000, "manifest": 2600, "zstd": 3600}  # 10,200 inputs (manifests cost the most)
+if os.environ.get("SD3PLUGIN_FUZZ_EXAMPLES"):
+    SLOW = dict.fromkeys(SLOW, int(os.environ["SD3PLUGIN_FUZZ_EXAMPLES"]))
 
 
 # -- the real archive these inputs start from ------------------------------------------------------------
@@ -85,6 +89,7 @@ class Base:
 
 
 BASE: list[Base] = []  # filled by the ``fuzz`` fixture before any strategy draws
+BASE_ARCHIVE: list[Path] = []
 
 
 def base() -> Base:
@@ -875,7 +880,12 @@ def sample_cases() -> dict:
 
 # -- the worker: the CLI's main in one long-lived process ---------------------------------------------------
 WORKER = r"""
-import contextlib, io, json, logging, os, sys, threading, time
+import contextlib, ctypes, gc, io, json, logging, os, sys, threading, time
+try:
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    trim = lambda pad: 0
 reply_fd, KILL_KB = int(sys.argv[1]), int(sys.argv[2]) * 1024
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 lock = threading.Lock()
@@ -887,7 +897,8 @@ def reply(obj):
 def status_kb(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(key))
-def watchdog():
+cpu_deadline = [None]
+def watchdog():  # past the RSS or CPU limit: no need to wait for the end (the machine is shared)
     with open("/proc/self/statm", "rb", buffering=0) as f:
         while True:
             f.seek(0)
@@ -895,6 +906,10 @@ def watchdog():
             if rss > KILL_KB:
                 reply({"killed": "rss", "rss_mb": rss / 1024})
                 os._exit(70)
+            d = list(cpu_deadline)
+            if d[0] is not None and time.process_time() > d[0]:
+                reply({"killed": "cpu", "cpu_s": time.process_time() - d[1]})
+                os._exit(71)
             time.sleep(0.005)
 threading.Thread(target=watchdog, daemon=True).start()
 class _Stderr(logging.Handler):  # logging follows redirect_stderr, as the CLI's goes to its stderr
@@ -903,12 +918,14 @@ class _Stderr(logging.Handler):  # logging follows redirect_stderr, as the CLI's
 logging.getLogger().addHandler(_Stderr())
 logging.getLogger().setLevel(logging.INFO)
 from sd3plugin.cli.cache import main
+low = [1 << 40]  # the lowest RSS after a command (kB)
 for line in sys.stdin:
-    argv = json.loads(line)
+    argv, cpu_limit = json.loads(line)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS (VmHWM) starts again from the current RSS
     o, e = io.StringIO(), io.StringIO()
     c0, t0 = time.process_time(), time.perf_counter()
+    cpu_deadline[:] = [c0 + cpu_limit, c0]
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
         try:
             code = main(argv)
@@ -917,6 +934,11 @@ for line in sys.stdin:
         except BaseException as exc:
             code = "raised " + repr(exc)[:300]
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    cpu_deadline[:] = [None]
+    if status_kb("VmRSS:") > low[0] + 32 * 1024:  # freed memory back to the system (slow: only when grown)
+        gc.collect()
+        trim(0)
+    low[0] = min(low[0], status_kb("VmRSS:"))
     err = e.getvalue()
     reply({"code": code, "stderr": err[-3000:], "stderr_lines": len(err.strip().splitlines()),
            "stdout": o.getvalue()[:3000], "peak_mb": status_kb("VmHWM:") / 1024,
@@ -962,8 +984,8 @@ class Worker:
             self.proc = None
             self.restarts += 1
 
-    def _call(self, argv, wall_s) -> dict:
-        self.proc.stdin.write(json.dumps(argv) + "\n")
+    def _call(self, argv, wall_s, cpu_s=600.0) -> dict:
+        self.proc.stdin.write(json.dumps([argv, cpu_s]) + "\n")
         self.proc.stdin.flush()
         while b"\n" not in self.buf:
             ready, _, _ = select.select([self.r], [], [], wall_s)
@@ -976,12 +998,12 @@ class Worker:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def call(self, argv, wall_s) -> dict:
+    def call(self, argv, wall_s, cpu_s) -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self.stop()
             self.start()
         try:
-            res = self._call(argv, wall_s)
+            res = self._call(argv, wall_s, cpu_s)
         except (BrokenPipeError, OSError):
             res = {"killed": "died"}
         if "killed" in res or res.get("rss_mb", 0) > self.baseline_mb + 64:
@@ -1029,7 +1051,7 @@ class Harness:
 
     def run(self, argv: list[str], size: int) -> dict:
         bound = time_bound(size)
-        res = self.worker.call(argv, wall_s=4 * bound + 30)
+        res = self.worker.call(argv, wall_s=4 * bound + 30, cpu_s=bound + 1)
         res["bound_s"] = bound
         return res
 
@@ -1113,6 +1135,8 @@ class Harness:
         if killed == "rss":
             raise AssertionError(f"{cmd}: RSS over {RSS_KILL_MB} MB (the worker was stopped at "
                                  f"{res['rss_mb']:.0f} MB; the limit is {RSS_LIMIT_MB} MB){where}")
+        assert killed != "cpu", (f"{cmd}: over {res['cpu_s']:.1f} s CPU for a {len(case.data)}-byte archive "
+                                 f"(bound {res['bound_s']:.1f} s; stopped){where}")
         assert killed != "time", f"{cmd}: no answer within {res['wall_s']:.0f} s wall time{where}"
         assert not killed, f"{cmd}: the process died ({res}){where}"
         code = res["code"]
@@ -1153,6 +1177,7 @@ def fuzz(tmp_path_factory):
     assert cli("pack", "--cache-dir", str(src), "-o", str(archive))[0] == 0
     shutil.rmtree(src)
     BASE[:] = [read_archive(archive.read_bytes())]
+    BASE_ARCHIVE[:] = [archive]
     h = Harness(root / "sandbox", archive)
     yield h
     h.close()
@@ -1186,24 +1211,34 @@ def test_a_sample_through_the_real_executable(fuzz):
 
 # -- slow lane: 10,000+ inputs ------------------------------------------------------------------------------
 @pytest.mark.slow
-@_settings(SLOW_N)
-@given(case=tar_cases())
-def test_tar_streams_long(fuzz, case):
-    fuzz.check(case)
+def test_fuzz_long(fuzz, tmp_path_factory):
+    """The three families at once (``SLOW`` inputs each), one thread and one worker process each, so the
+    run uses both cores of the CI machine. A family's failure is reported with hypothesis' minimal example."""
+    strategies = {"tar": tar_cases(), "manifest": manifest_cases(), "zstd": zstd_cases()}
+    harness = {name: Harness(tmp_path_factory.mktemp(f"fuzz-{name}") / "sandbox", BASE_ARCHIVE[0])
+               for name in strategies}
+    errors: dict = {}
 
+    def run(name: str) -> None:
+        @_settings(SLOW[name])
+        @given(case=strategies[name])
+        def family(case):
+            harness[name].check(case)
 
-@pytest.mark.slow
-@_settings(SLOW_N)
-@given(case=manifest_cases())
-def test_manifests_long(fuzz, case):
-    fuzz.check(case)
+        try:
+            family()
+        except BaseException as exc:  # noqa: BLE001 - reported below with hypothesis' notes
+            errors[name] = "".join(traceback.format_exception(exc))[-20000:]
+        finally:
+            harness[name].close()
 
-
-@pytest.mark.slow
-@_settings(SLOW_N)
-@given(case=zstd_cases())
-def test_zstd_framing_long(fuzz, case):
-    fuzz.check(case)
+    threads = [threading.Thread(target=run, args=(name,), name=f"fuzz-{name}") for name in strategies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = {name: h.count for name, h in harness.items()}
+    assert not errors, f"inputs run: {counts}\n" + "\n\n".join(f"== {k} ==\n{v}" for k, v in errors.items())
 
 
 @pytest.mark.slow
