@@ -130,6 +130,17 @@ def check_conflicts(cfg) -> None:
                               "parallel=none with a step cache, or step_cache=none with parallel")
 
 
+def check_step_cache_installed(scfg) -> None:
+    """A step cache needs cache-dit installed (the ``cache`` extra)."""
+    if not is_on(scfg):
+        return
+    from importlib.util import find_spec
+
+    if find_spec("cache_dit") is None:
+        raise ConfigError(f"{label(scfg)} needs cache-dit, which is not installed; {INSTALL_HINT}, or use "
+                          "step_cache=none")
+
+
 def check_blocks(scfg, num_blocks: int) -> tuple[int, int]:
     """(fn, bn) for a transformer of ``num_blocks`` blocks: ``fn`` is lowered so that at least one middle
     block is left to reuse; a ConfigError when even ``fn=1`` leaves none."""
