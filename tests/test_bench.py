@@ -323,5 +323,6 @@ def test_step_cache_variants_against_the_uncached_image_of_the_same_seed(tiny_pa
 
 def test_bench_step_cache_names_only_presets():
     assert split_bench_overrides(["bench.step_cache=all"])[0].step_cache == "all"
+    assert split_bench_overrides(["bench.step_cache=dbcache,fbcache"])[0].step_cache == ["dbcache", "fbcache"]
     with pytest.raises(ConfigError, match="bench.step_cache names 'fast', not step-cache presets; valid: dbcache"):
         split_bench_overrides(["bench.step_cache=fast"])

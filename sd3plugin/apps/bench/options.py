@@ -92,6 +92,9 @@ def split_bench_overrides(argv: list[str]) -> tuple[BenchConfig, list[str]]:
     values: dict = {}
     parser = OverridesParser.create()
     for arg in bench_args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "bench.step_cache" and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"  # bench.step_cache=dbcache,fbcache: a list, not a Hydra sweep
         try:
             ov = parser.parse_overrides([arg.lstrip("+")])[0]
         except Exception as exc:
