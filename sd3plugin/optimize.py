@@ -5,9 +5,10 @@ and returns a handle that knows how to remove it (``sd3plugin/transforms/``):
 
     settings -> backend -> fuse_qkv -> attention -> quantize -> fuse_gelu -> memory_format -> lora
              -> compile (regional, guarded at every call) -> compile_vae -> compile_text_encoders
+             -> step_cache (cache-dit, wrapping the guarded forward)
 
 ``undo()`` removes the handles in reverse order: processors, fused projections (the state dict is diffusers'
-own again), VAE memory format, process-wide settings; quantized weights stay quantized (it says so).
+own again), VAE memory format, process-wide settings, cache-dit; quantized weights stay quantized (it says so).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .config import compose
 from .errors import ConfigError
 from .global_settings import GLOBAL_SETTINGS
 from .plan import Plan, make_plan
-from .transforms import attention, backend, compile, fuse_qkv, gelu, lora, memory_format, quantize, settings
+from .transforms import (attention, backend, compile, fuse_qkv, gelu, lora, memory_format, quantize, settings,
+                         step_cache)
 from .startup import FirstImageTimer
 from .transforms.base import Handle, Run
 
@@ -82,6 +84,9 @@ def _apply(run: Run) -> None:
             h = part(run)
             if h is not None:
                 keep(h)
+    h = step_cache.apply(run)  # last: cache-dit's forward wraps the compile guard and calls compiled blocks
+    if h is not None:
+        keep(h)
     if run.target is not run.transformer:  # text encoding, denoising and VAE of the first image
         timer = FirstImageTimer(run.target, run.report.setdefault("startup", {}))
         keep(Handle("startup_timer", timer.remove, {}))
@@ -149,7 +154,12 @@ def report(pipe_or_transformer) -> dict:
         return {"optimized": False, "note": "pipe.transformer was replaced after optimization; "
                                             "call sd3plugin.optimize(pipe) to optimize the new one"}
     rep = own if rep is None else rep
-    return copy.deepcopy(rep) if rep is not None else {"optimized": False}
+    if rep is None:
+        return {"optimized": False}
+    out = copy.deepcopy(rep)
+    if out.get("step_cache", {}).get("name", "none") != "none":
+        out["step_cache"]["last_call"] = step_cache.last_call(transformer, out["step_cache"])
+    return out
 
 
 def undo(pipe_or_transformer) -> None:

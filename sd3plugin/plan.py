@@ -43,6 +43,7 @@ class Plan:
     width: int | None = None
     num_images: int = 1
     cfg_guidance: bool = True        # classifier-free guidance doubles the batch
+    step_cache: Any = None           # the step_cache config node (None or name none: off)
     cfg: DictConfig | None = None    # the composed config it came from (for the report)
 
     @property
@@ -70,4 +71,6 @@ def make_plan(cfg: DictConfig) -> Plan:
         quant=cfg.quant, on_error=str(cfg.on_error), fa4_prewarm=bool(_get(cfg, "fa4_prewarm", True)),
         precompiled=bool(_get(cfg, "precompiled", True)),
         lora_hotswap_rank=_get(cfg, "lora_hotswap_rank", None), height=cfg.height, width=cfg.width,
-        num_images=int(cfg.num_images), cfg_guidance=float(cfg.guidance_scale) > 1, cfg=cfg)
+        num_images=int(cfg.num_images), cfg_guidance=float(cfg.guidance_scale) > 1,
+        step_cache=cfg.get("step_cache") if isinstance(cfg, DictConfig) else getattr(cfg, "step_cache", None),
+        cfg=cfg)

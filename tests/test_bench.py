@@ -297,3 +297,32 @@ def test_bench_names_the_folder_it_wrote(tiny_path, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"sd3plugin-bench: wrote bench.md, bench.json to {out.resolve()}" in printed
     assert "(text encoders, 2 steps, VAE decode)" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sd3plugin.compat.cache_dit", fromlist=["x"]).available(),
+                    reason="cache-dit not installed (extra 'cache')")
+def test_step_cache_variants_against_the_uncached_image_of_the_same_seed(tiny_path, tmp_path):
+    """bench.step_cache adds LABEL+PRESET siblings; each is compared with its own uncached variant: speed-up,
+    PSNR/SSIM, reused block computations (a loose threshold: random weights change a lot between steps)."""
+    cfg = compose(None, [f"model={tiny_path}", "steps=10", f"output_dir={tmp_path}", "device=cpu"])
+    bench = BenchConfig(variants=["plain=backend=eager step_cache.threshold=5"], step_cache="fbcache,dbcache",
+                        repeat=1, cache_warmup=False, chart=False, fresh_cache=False)
+    data = run_bench(cfg, bench)
+    rows = {v["label"]: v for v in data["variants"]}
+    assert list(rows) == ["eager", "plain", "plain+fbcache", "plain+dbcache"], [v.get("error") for v in rows.values()]
+    for label in ("plain+fbcache", "plain+dbcache"):
+        sc = rows[label]["step_cache"]
+        assert sc["against"] == "plain" and sc["speedup_e2e"] > 0 and sc["speedup_its"] > 0
+        assert sc["last_call"]["reused_block_computations_per_image"] == len(sc["last_call"]["cached_steps"]) > 0
+        assert sc["quality"]["images_psnr_db"] < float("inf") and 0 < sc["quality"]["images_ssim"] < 1
+    assert "step_cache" not in rows["plain"] and "step_cache" not in rows["eager"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "| `plain+fbcache` | `plain` | 2 / 10 | 2 / 20 |" in md
+
+
+def test_bench_step_cache_names_only_presets():
+    assert split_bench_overrides(["bench.step_cache=all"])[0].step_cache == "all"
+    assert split_bench_overrides(["bench.step_cache=dbcache,fbcache"])[0].step_cache == ["dbcache", "fbcache"]
+    with pytest.raises(ConfigError, match="bench.step_cache names 'fast', not step-cache presets; valid: dbcache"):
+        split_bench_overrides(["bench.step_cache=fast"])

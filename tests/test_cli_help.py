@@ -37,7 +37,7 @@ def test_run_help_lists_groups_presets_keys_and_seed_flags(run_help):
         line = next(line for line in run_help.splitlines() if line.startswith(f"  {group} "))
         for preset in group_options(group):
             assert preset in run_help, (group, preset)
-        assert "*" in line or group in ("quant", "parallel")  # the default is marked (these wrap to a second line)
+        assert "*" in line or group in ("quant", "parallel", "step_cache")  # the default is marked (these wrap to a second line)
     assert "default*" in run_help and "none*" in run_help
     for key, _ in leaf_fields():
         assert f"\n  {key} " in run_help or f"\n  {key}\n" in run_help, key

@@ -216,6 +216,8 @@ RUNS: dict[str, Runs] = {
     # docs/parallel.md: prints the torch.distributed.run command without checking the GPUs
     "sd3plugin-run parallel=cfg2 parallel.launch=print": Runs(
         says=("-m torch.distributed.run --standalone --nproc-per-node=2 -m sd3plugin.apps.run parallel=cfg2",)),
+    # docs/step-cache.md (cache-dit, the `cache` extra, is installed in the test environment)
+    "sd3plugin-run step_cache=fbcache": RUN,
     "python -m sd3plugin.config.modes_table": Runs(says=("| `max-optimize` | enable all graph optimizations |",)),
 }
 
@@ -227,6 +229,10 @@ REFUSES: dict[str, Refuses] = {
     "sd3plugin-run quant=fp8_e4m3_e4m3_dynamic": FP8_ON_CPU,
     "sd3plugin-run parallel=cfg2 model=sd3-medium height=1024 width=1024": Refuses(
         2, "parallel=cfg2 needs 2 CUDA GPUs (one process each) but this machine has no CUDA GPU"),
+    "sd3plugin-run step_cache=dbcache mode=max-speed": Refuses(
+        2, "step_cache=dbcache cannot run with CUDA graphs (mode=max-speed: token 'cudagraphs')"),
+    "sd3plugin-bench model=stabilityai/stable-diffusion-3-medium-diffusers dtype=bfloat16 bench.step_cache=all": Refuses(
+        2, "is neither a folder with model_index.json nor a reachable Hub id"),
     "sd3plugin-cache warm model=sd3-medium --resolutions 1024x1024,768x1344": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-cache warm model=sd3-medium --resolutions 1024x1024,768x1344 --batch-sizes 1": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-bench model=sd3-medium dtype=bfloat16 \"bench.variants='fast=mode=max-speed; "
@@ -293,6 +299,7 @@ SKIPPED: dict[str, str] = {  # a stable substring of the command -> why the test
     "scripts/gpu_bench.sh": "GPU benchmarks (the device machine)",
     "scripts/parallel_bench.sh": "GPU benchmark on two GPUs (the nvidia-h200-x2 device machine)",
     "scripts/step_profile.py": "GPU profile of one step (the device machine)",
+    "scripts/step_cache_bench.py": "GPU benchmark of the step-cache presets (the device machine)",
     "scripts/nexfort-env.sh": "builds the torch 2.4 nexfort environment (about 3 GB of downloads; "
                               "scripts/ci-nexfort.sh in .ci/run builds and tests it)",
     ". .venv-nexfort/bin/activate": "activates the nexfort environment of the line before",

@@ -19,6 +19,8 @@ EXPECTED_COMPILE_KEYS = {
     "compile_text_encoders",
     "lora_hotswap_rank", "device", "dtype",
     "parallel.cfg", "parallel.ulysses", "parallel.ring", "parallel.pipefusion", "parallel.patches",
+    "step_cache.name", "step_cache.fn", "step_cache.bn", "step_cache.threshold", "step_cache.warmup",
+    "step_cache.max_cached", "step_cache.max_continuous", "step_cache.taylorseer_order",
 }
 EXPECTED_RUN_KEYS = {
     "mode.name", "mode.description", "cache_dir", "on_error", "fa4_prewarm", "keep_coordesc", "precompiled", "prompt",
@@ -75,8 +77,10 @@ def _changed(cfg, key, alt):
 
 @pytest.mark.parametrize("key", sorted(EXPECTED_COMPILE_KEYS))
 def test_each_compile_key_changes_the_fingerprint(key, gpu_visible):
-    # A parallel key counts once the run is parallel (one process keeps the fingerprints it had before).
-    cfg = compose(overrides=["parallel=pipefusion2"] if key.startswith("parallel.") else [])
+    # A parallel key counts once the run is parallel, a step-cache key once a step cache is on (parallel=none
+    # and step_cache=none keep the fingerprints they had before those groups existed).
+    cfg = compose(overrides=["parallel=pipefusion2"] if key.startswith("parallel.")
+                  else ["step_cache=dbcache"] if key.startswith("step_cache.") else [])
     base = fingerprint(cfg)
     value = OmegaConf.select(cfg, key)
     results = {str(alt): fingerprint(_changed(cfg, key, alt)) for alt in _alternatives(key, value)}
@@ -103,6 +107,15 @@ def test_fuse_gelu_and_the_joint_attention_switch_are_in_the_fingerprint(monkeyp
     monkeypatch.setenv("SD3PLUGIN_KEEP_COORDESC", "0")
     cfg = compose()
     assert cfg.fa4_prewarm is False and cfg.keep_coordesc is False and fingerprint(cfg) == base
+
+
+def test_step_cache_none_keeps_old_fingerprints_and_each_preset_has_its_own():
+    base = compile_config(compose())
+    assert "step_cache" not in base
+    from sd3plugin.config.step_cache import STEP_CACHE_PRESETS
+
+    fps = {name: fingerprint(compose(overrides=[f"step_cache={name}"])) for name in STEP_CACHE_PRESETS}
+    assert fps["none"] == fingerprint(compose()) and len(set(fps.values())) == len(fps)
 
 
 def test_compile_config_is_nested_like_the_config_and_plain_json():

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..config.resolve import resolve_device, resolve_dtype
 from ..config.parallel import fingerprint_component
 from ..config.schema import compile_keys
+from ..config.step_cache import fingerprint_component as step_cache_component
 
 # Environment keys that must match for compiled artefacts to load; the rest only warn.
 REQUIRED_MATCH = ("torch", "triton", "python", "machine", "cuda", "gpu_capability")
@@ -140,6 +141,10 @@ def compile_config(cfg, arch: dict | None = None) -> dict:
     parallel = fingerprint_component(cfg) if "parallel" in cfg else None
     if parallel is not None:  # one process: no parallel part, as before the group existed
         out["parallel"] = parallel
+    out.pop("step_cache", None)
+    step_cache = step_cache_component(cfg)
+    if step_cache is not None:  # step_cache=none: no part, as before the group existed
+        out["step_cache"] = step_cache
     out["architecture"] = arch if arch is not None else architecture(str(cfg.model))
     device = resolve_device(cfg.device)
     out["device"] = device

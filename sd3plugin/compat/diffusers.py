@@ -50,6 +50,15 @@ def clear_hotswap(model) -> None:
         model._prepare_lora_hotswap_kwargs = None
 
 
+def group_offloaded(model) -> bool:
+    """True when diffusers' group offloading (``enable_group_offload``) moves ``model``'s blocks around."""
+    try:
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    except ImportError:
+        return False
+    return bool(_is_group_offload_enabled(model))
+
+
 def offload_hooked(model) -> bool:
     """True when accelerate moves ``model`` between devices around its calls (model CPU offload)."""
     return getattr(model, "_hf_hook", None) is not None

@@ -10,6 +10,7 @@ from typing import Optional
 from ..errors import ConfigError
 from .parallel import check_parallel_process
 from .quant_presets import fix_hint, needs_gpu_message, quant_preset
+from .step_cache import check_step_cache_installed
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have fp8 tensor cores
 
@@ -52,4 +53,5 @@ def check_hardware(cfg_or_plan, device: Optional[str] = None) -> str:
     if getattr(cfg_or_plan, "parallel", None) is not None:
         check_parallel_process(cfg_or_plan)  # a parallel config outside the ranks sd3plugin-run starts
     check_quant_device(_quant_type(cfg_or_plan), device)  # first: its message names the quant fix
+    check_step_cache_installed(getattr(cfg_or_plan, "step_cache", None))
     return resolve_device(device)

@@ -16,7 +16,8 @@ KEY_COLUMN = 30
 
 # The key whose value names a group's chosen preset.
 _PRESET_KEY = {"mode": "mode.name", "memory_format": "memory_format.name", "dynamic": "dynamic.enabled",
-               "quant": "quant.type", "parallel": "parallel.name"}
+               "quant": "quant.type", "parallel": "parallel.name",
+               "step_cache": "step_cache.name"}
 
 HYDRA_FLAGS = [
     ("--cfg job", "print the composed config and exit (add --resolve for the values of ${...})"),

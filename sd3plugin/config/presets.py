@@ -3,7 +3,7 @@
 ``mode`` presets are YAML files in ``conf/mode/`` (each one a documented token string). The other groups
 are generated from the one table that defines their choices, and registered in Hydra's ConfigStore:
 ``quant`` from ``QUANT_PRESETS``, ``memory_format`` from ``MEMORY_FORMATS``, ``dynamic`` from true/false,
-``parallel`` from ``PARALLEL_PRESETS``.
+``parallel`` from ``PARALLEL_PRESETS``, ``step_cache`` from ``STEP_CACHE_PRESETS``.
 """
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ from ..errors import ConfigError
 from .choices import MEMORY_FORMATS
 from .parallel import PARALLEL_PRESETS, preset_node as parallel_preset_node
 from .quant_presets import QUANT_PRESETS
+from .step_cache import STEP_CACHE_PRESETS, preset_node as step_cache_preset_node
 
 CONFIG_MODULE = "sd3plugin.conf"
-GROUPS = ("mode", "memory_format", "dynamic", "quant", "parallel")
+GROUPS = ("mode", "memory_format", "dynamic", "quant", "parallel", "step_cache")
 
 GENERATED_GROUPS: dict[str, dict[str, dict]] = {
     "quant": {name: {"type": name} for name in QUANT_PRESETS},
     "memory_format": {name: {"name": name} for name in MEMORY_FORMATS},
     "dynamic": {"false": {"enabled": False}, "true": {"enabled": True}},
     "parallel": {name: parallel_preset_node(name) for name in PARALLEL_PRESETS},
+    "step_cache": {name: step_cache_preset_node(name) for name in STEP_CACHE_PRESETS},
 }
 
 

@@ -5,7 +5,7 @@ A compile key changes the compiled graphs or kernels: its value is part of the c
 ``compile_keys()`` and ``run_keys()`` list the dotted leaf keys, derived from the dataclasses below.
 
 ``conf/config.yaml`` composes on top of the schema, ``conf/mode/*.yaml`` are the mode presets; the
-``quant``, ``memory_format`` and ``dynamic`` groups are generated from tables (``config/presets.py``).
+``quant``, ``memory_format``, ``dynamic``, ``parallel`` and ``step_cache`` groups are generated from tables (``config/presets.py``).
 ``register()`` puts the schema (``sd3plugin_schema``) and those groups in Hydra's ConfigStore, so an
 unknown key or a wrong type fails at composition.
 """
@@ -98,6 +98,21 @@ class ParallelConfig:
 
 
 @dataclass
+class StepCacheConfig:
+    """Step caching through cache-dit (docs/step-cache.md); ``name: none`` computes every step (exact) and
+    ignores the other keys. Each key is a cache-dit knob (``config/step_cache.py``)."""
+
+    name: str = compile_field("none")
+    fn: int = compile_field(8)              # blocks always computed first (DBCache's Fn)
+    bn: int = compile_field(0)              # blocks always computed last (Bn)
+    threshold: float = compile_field(0.0)   # residual difference under which the middle blocks are reused
+    warmup: int = compile_field(8)          # steps always computed first
+    max_cached: int = compile_field(-1)     # most steps reused per image (-1: no limit)
+    max_continuous: int = compile_field(-1)  # most steps reused in a row (-1: no limit)
+    taylorseer_order: int = compile_field(0)  # TaylorSeer forecast of the reused residual (0: off)
+
+
+@dataclass
 class SD3PluginConfig:
     model: str = compile_field("tiny")
     backend: str = compile_field("auto")  # one of BACKENDS (a plugin may add one): checked by validate()
@@ -106,6 +121,7 @@ class SD3PluginConfig:
     dynamic: DynamicConfig = group_field(DynamicConfig)
     quant: QuantConfig = group_field(QuantConfig)
     parallel: ParallelConfig = group_field(ParallelConfig)
+    step_cache: StepCacheConfig = group_field(StepCacheConfig)
     # Extra options handed to the backend as they are (inductor config keys, nexfort options).
     backend_options: dict[str, Any] = compile_field(default_factory=dict)
     fuse_qkv: bool = compile_field(True)

@@ -14,6 +14,7 @@ from .choices import ATTENTION_KERNELS, DEVICES, DTYPES, MEMORY_FORMATS, ON_ERRO
 from .modes import parse_mode
 from .parallel import check_parallel_config
 from .quant_presets import check_quant_config
+from .step_cache import check_step_cache_config
 
 # Boolean keys whose default an environment variable sets (``VAR=0`` turns them off).
 ENV_SWITCHES = {"joint_attention": "SD3PLUGIN_JOINT_ATTENTION", "fa4_prewarm": "SD3PLUGIN_FA4_PREWARM",
@@ -64,6 +65,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_env_switches(cfg)
     if "parallel" in cfg:
         check_parallel_config(cfg)
+    if "step_cache" in cfg:
+        check_step_cache_config(cfg)
     from ..models import check_resolution  # lazy: models sits above config; the check reads tables only
 
     check_resolution(cfg.model, cfg.height, cfg.width)

@@ -42,6 +42,7 @@ class BenchConfig:
     fresh_cache: bool = True         # compile each variant into an empty cache dir (true cold numbers)
     keep_caches: bool = False        # keep those cache dirs under output_dir/caches
     quality: bool = True             # error of latents/images against eager
+    step_cache: Any = None           # step-cache presets added to every variant ("dbcache,fbcache" or "all")
     chart: bool = True               # bench.png (needs matplotlib)
     subprocess_timeout: int = 1800
 
@@ -64,6 +65,8 @@ BENCH_KEY_DOCS = {
     "fresh_cache": "compile each variant into an empty cache dir (true cold numbers)",
     "keep_caches": "keep those cache dirs under output_dir/caches",
     "quality": "error of latents and images against eager",
+    "step_cache": "step-cache presets to add to every variant (LABEL+PRESET), compared with the uncached image "
+                  "of the same seed: 'dbcache,fbcache' or all (docs/step-cache.md)",
     "chart": "bench.png (needs matplotlib)",
     "subprocess_timeout": "seconds a fresh process may take",
 }
@@ -89,6 +92,9 @@ def split_bench_overrides(argv: list[str]) -> tuple[BenchConfig, list[str]]:
     values: dict = {}
     parser = OverridesParser.create()
     for arg in bench_args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "bench.step_cache" and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"  # bench.step_cache=dbcache,fbcache: a list, not a Hydra sweep
         try:
             ov = parser.parse_overrides([arg.lstrip("+")])[0]
         except Exception as exc:
@@ -104,6 +110,9 @@ def split_bench_overrides(argv: list[str]) -> tuple[BenchConfig, list[str]]:
         raise ConfigError(f"invalid benchmark setting: {str(exc).splitlines()[0]}") from None
     bench = OmegaConf.to_object(cfg)
     parse_variants(bench.variants)  # fail early on a malformed variant list
+    from .step_cache import step_cache_presets
+
+    step_cache_presets(bench.step_cache)
     if bench.repeat < 1 or bench.warmup < 1:
         raise ConfigError(f"bench.repeat and bench.warmup must be at least 1 (got {bench.repeat}, "
                           f"{bench.warmup}): the first call compiles, the timed calls come after it")

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .step_cache import table as step_cache_table
+
 log = logging.getLogger("sd3plugin")
 
 
@@ -110,6 +112,11 @@ def markdown(data: dict) -> str:
         variants_table(data),
         "",
     ]
+    sc = step_cache_table(data)
+    if sc:
+        lines += ["Step cache: each variant against the uncached image of the same seed (random weights: the "
+                  "PSNR/SSIM say how far the cache drifts, not how good the image is; docs/step-cache.md).", "",
+                  sc, ""]
     for r in data["variants"]:
         if r["label"] == "eager" or "error" in r:
             continue

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from ...errors import ConfigError
 from ..interrupt import raise_if_dropped
 from .options import COMMAND_LINE, BenchConfig, check_shared_dtype, parse_variants, resolution_shapes
+from . import step_cache
 from .variants import run_variant
 
 log = logging.getLogger("sd3plugin")
@@ -26,7 +27,8 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
 
     out = output_dir(cfg)
     device = resolve_device(cfg.device)
-    variants = parse_variants(bench.variants)
+    variants = step_cache.with_step_caches(parse_variants(bench.variants),
+                                           step_cache.step_cache_presets(bench.step_cache))
     if bench.multiple_resolutions:
         resolution_shapes(bench, cfg.model)  # invalid sizes fail before loading anything
     composed = [(label, compose(cfg, ovs), ovs) for label, ovs in variants]
@@ -42,6 +44,7 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
 
     results = []
     eager_ref = None
+    measured, refs = {}, {}  # label -> config, label -> latents/images: uncached partners of step-cache variants
     plan = ([("eager", eager_config(cfg), ["backend=eager"])] if bench.eager else []) + composed
     if not plan:
         raise ConfigError("nothing to measure: bench.eager=false and bench.variants is empty")
@@ -61,6 +64,9 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
             eager_ref = ref
         results.append(res)
         if "error" not in res:
+            measured[label], refs[label] = vcfg, ref
+            _step_cache_figures(results, measured, refs, out, bench.quality)
+        if "error" not in res:
             log.info("sd3plugin-bench: %s: %.2f it/s, e2e %.3f s", label, res["iterations_per_second"],
                      res["e2e_seconds"])
         add_ratios(results)
@@ -72,6 +78,21 @@ def run_bench(cfg, bench: BenchConfig) -> dict:
     written = ", ".join(name for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file())
     print(f"sd3plugin-bench: wrote {written} to {out.resolve()}", flush=True)
     return data
+
+
+def _step_cache_figures(results: list[dict], measured: dict, refs: dict, out, quality: bool) -> None:
+    """Each step-cache variant against the uncached image of the same seed, once its partner is measured."""
+    from ...config.step_cache import is_on
+
+    by_label = {r["label"]: r for r in results}
+    for r in results:
+        label = r["label"]
+        if label not in measured or not is_on(measured[label].get("step_cache")) or \
+                (r.get("step_cache") or {}).get("against"):
+            continue
+        partner = step_cache.uncached_partner(label, measured[label], measured)
+        if partner is not None:
+            step_cache.add_figures(r, refs[label], by_label[partner], refs[partner], out, quality)
 
 
 def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results) -> dict:
@@ -91,13 +112,17 @@ def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe,
 
 
 def eager_config(cfg):
-    """The command line's config run eagerly (no compilation, no quantization), in the dtype it resolves to."""
+    """The command line's config run eagerly (no compilation, no quantization, no step cache), in the dtype it
+    resolves to."""
     from ...config.resolve import resolve_device, resolve_dtype
+    from ...config.step_cache import preset_node
 
     c = copy.deepcopy(cfg)
     c.dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device), cfg.quant.type)).split(".")[-1]
     c.backend = "eager"
     c.quant.type = "none"
+    if "step_cache" in c:
+        c.step_cache = OmegaConf.merge(c.step_cache, preset_node("none"))
     return c
 
 
