@@ -59,3 +59,6 @@ def test_fp8_summary_reads_a_bench_result():
     assert out["variant"] == "fp8+fa4" and out["speedup"] == pytest.approx(1.643, abs=1e-3)
     assert out["targets"]["psnr_db"]["met"] is True and out["targets"]["speedup"]["met"] is False
     assert out["first_call_seconds"] == pytest.approx(79.53, abs=0.01)
+    both = mod.compare(bench, "fp8+fa4", "eager")  # a variant against another of the same run
+    assert both["speedup_vs_base"] == pytest.approx(1.643, abs=1e-3) and both["base"]["variant"] == "eager"
+    assert both["e2e_delta_seconds"] == pytest.approx(both["e2e_seconds"] - both["base"]["e2e_seconds"], abs=1e-3)
