@@ -25,6 +25,8 @@ _spec.loader.exec_module(step_profile)
     ("void at::native::vectorized_elementwise_kernel<4, copy<c10::Float8_e4m3fn>>", "aten::copy_", "quantize"),
     ("triton_red_fused__to_copy_abs_add_amax_mul_native_layer_norm_1", "", "norm_quantize"),
     ("triton_per_fused_add_mul_native_layer_norm_2", "", "norm_modulation"),
+    ("_norm_mod_quant", "sd3plugin::fp8_norm_modulate_quantize", "norm_quantize"),  # fp8_fused_activation
+    ("_gelu_quant", "sd3plugin::fp8_gelu_quantize", "norm_quantize"),
     ("void at::native::vectorized_layer_norm_kernel<float>", "aten::native_layer_norm", "norm_modulation"),
     ("triton_poi_fused_add_mul_5", "", "elementwise"),
     ("void at::native::elementwise_kernel<128, 2>", "aten::add", "other"),
