@@ -1,7 +1,11 @@
 """The fp8 issue's figures out of one sd3plugin-bench run (eager bf16 + one optimized variant, same process,
 same inputs): it/s ratio as ``speedup``, E2E, PSNR vs eager, first-call time, and each target met or not.
 
-    python scripts/fp8_summary.py BENCH_JSON OUT_JSON [VARIANT_LABEL]      # default: the first non-eager
+    python scripts/fp8_summary.py BENCH_JSON OUT_JSON [VARIANT_LABEL [BASE_LABEL]]   # default: the first non-eager
+
+With BASE_LABEL (another variant of the same run, e.g. the fp8 preset without ``fp8_fused_activation``) the
+JSON also holds that variant's summary under ``base`` and ``speedup_vs_base`` (it/s ratio), ``e2e_delta_seconds``
+and ``first_call_delta_seconds``.
 """
 from __future__ import annotations
 
@@ -44,13 +48,27 @@ def summarize(bench: dict, label: str | None = None) -> dict:
     return out
 
 
+def compare(bench: dict, label: str, base_label: str) -> dict:
+    """``label``'s summary with ``base_label``'s beside it (both against the same eager run)."""
+    out, base = summarize(bench, label), summarize(bench, base_label)
+    out["base"] = base
+    out["speedup_vs_base"] = round(out["its"] / base["its"], 4)
+    for key in ("e2e_seconds", "first_call_seconds"):
+        if out.get(key) is not None and base.get(key) is not None:
+            out[key.replace("_seconds", "_delta_seconds")] = round(out[key] - base[key], 3)
+    return out
+
+
 def main() -> None:
     bench_path, out_path = sys.argv[1], sys.argv[2]
+    label = sys.argv[3] if len(sys.argv) > 3 else None
     with open(bench_path) as f:
-        result = summarize(json.load(f), sys.argv[3] if len(sys.argv) > 3 else None)
+        bench = json.load(f)
+    result = compare(bench, label, sys.argv[4]) if len(sys.argv) > 4 else summarize(bench, label)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2, default=str)
-    print(json.dumps({k: result[k] for k in ("variant", "speedup", "e2e_seconds", "psnr_db", "first_call_seconds")}))
+    keys = ("variant", "speedup", "speedup_vs_base", "e2e_seconds", "psnr_db", "first_call_seconds")
+    print(json.dumps({k: result[k] for k in keys if k in result}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   pip wheel --no-deps -w .whl .          # on the host: a wheel of the current code beside the deps
 #   bash scripts/gpu_bench.sh SECTION...   # on the GPU machine; results under $OUT (default ./gpu-out)
 #
-# Sections: env | attn | gelu | profile | fp8profile | fp8act | fp8e2e | e2e16 | attn8 | attn8quant | fa4 | fa4quant | fa3 | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
+# Sections: env | attn | gelu | profile | fp8profile | fp8fusedprofile | fp8act | fp8e2e | fp8fused | e2e16 | attn8 | attn8quant | fa4 | fa4quant | fa3 | speed | dynamic | sd35 | cache | warmtrace | quant | quantrest | vae   (all: every one, in that order; about 25 minutes
 # in all on an H100, so run them in several device calls, RUN_LIMIT=seconds caps each run).
 # attn, fa4, fa4quant, fa3 and sd35 need FlashAttention-4 (scripts/fa4-wheels.sh fetches the wheels for an offline
 # GPU machine); fa3 (and attn's FA3 rows) need fa3-fwd 0.0.3 on an H100 / H200 with a CUDA 13 torch
@@ -112,6 +112,11 @@ section() {
       (cd /tmp && python3 "$OLDPWD/scripts/step_profile.py" "$OUT/profile/fp8.json" quant=fp8_e4m3_e4m3_dynamic | tail -26
        python3 "$OLDPWD/scripts/step_profile.py" "$OUT/profile/eager-bf16.json" backend=eager dtype=bfloat16 | head -1)
       ;;
+    fp8fusedprofile)  # the same profile with fp8_fused_activation=true (quantize passes folded into norm/GELU)
+      mkdir -p "$OUT/profile"
+      (cd /tmp && python3 "$OLDPWD/scripts/step_profile.py" "$OUT/profile/fp8-fused.json" quant=fp8_e4m3_e4m3_dynamic \
+          fp8_fused_activation=true | tail -26)
+      ;;
     attn8)  # 8-bit attention in the whole step, fastest mode, against FA4 (fp16, batch 1)
       run attn8 $COMMON bench.cache_warmup=false \
         "bench.variants='max-speed+fa4=mode=max-speed attention=fa4; max-speed+int8=mode=max-speed attention=int8; max-speed+int8_fp8=mode=max-speed attention=int8_fp8'"
@@ -177,6 +182,12 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       [ -f "$OUT/fp8e2e/bench.json" ] && python3 scripts/fp8_summary.py "$OUT/fp8e2e/bench.json" \
         "$OUT/h200-sd3-medium-fp8-e2e.json"
       ;;
+    fp8fused)  # issue 23: bf16 eager vs the fp8 preset vs the fp8 preset + fp8_fused_activation, one process
+      RUN_LIMIT=${RUN_LIMIT:-400} run fp8fused $COMMON dtype=bfloat16 num_images=1 bench.cache_warmup=false \
+        "bench.variants='fp8=mode=max-speed quant=fp8_e4m3_e4m3_dynamic; fp8+fused=mode=max-speed quant=fp8_e4m3_e4m3_dynamic fp8_fused_activation=true'"
+      [ -f "$OUT/fp8fused/bench.json" ] && python3 scripts/fp8_summary.py "$OUT/fp8fused/bench.json" \
+        "$OUT/h200-sd3-medium-fp8-fused-activation.json" fp8+fused fp8
+      ;;
     e2e16)  # issue 23: the 16-bit max-speed preset with compiled VAE decoder and text encoders vs bf16 eager
       run e2e16 $COMMON dtype=bfloat16 num_images=1 bench.cache_warmup=false \
         "bench.variants='16bit+e2e=mode=max-speed compile_vae=true compile_text_encoders=true'"
@@ -187,7 +198,7 @@ print(model_path(compose(None, ['model=sd3-medium'])))")
       run vae $COMMON bench.cache_warmup=false bench.quality=false \
         "bench.variants='max-speed+fa4+vae=mode=max-speed attention=fa4 compile_vae=true'"
       ;;
-    *) echo "unknown section $1 (env attn gelu profile fp8profile fp8act fp8e2e e2e16 attn8 attn8quant fa4 fa4quant fa3 speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
+    *) echo "unknown section $1 (env attn gelu profile fp8profile fp8fusedprofile fp8act fp8e2e fp8fused e2e16 attn8 attn8quant fa4 fa4quant fa3 speed dynamic sd35 cache warmtrace quant quantrest vae all)"; return 2 ;;
   esac
 }
 

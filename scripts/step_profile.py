@@ -33,6 +33,7 @@ _FP8 = ("e4m3", "e5m2", "f8f8", "fp8", "float8", "_scaled_mm", "qqtst")
 _QUANT = ("amax", "abs_max", "float8", "fp8", "e4m3", "quantize", "scale")
 _QUANT_OPS = ("aten::amax", "aten::abs", "aten::clamp", "aten::reciprocal", "quantize")
 _NORM = ("layer_norm", "native_layer_norm", "var_mean", "rsqrt", "rms_norm", "group_norm", "_norm_")
+_FUSED_QUANT = ("_gelu_quant", "fp8_gelu_quantize", "fp8_norm_modulate_quantize")  # fp8_fused_activation's kernels
 _NORM_OPS = ("aten::native_layer_norm", "aten::layer_norm", "aten::rms_norm", "aten::_fused_rms_norm",
              "aten::var_mean")
 
@@ -46,7 +47,7 @@ def kernel_group(kernel: str, op: str = "") -> str:
         return "gemm_fp8"
     if any(k in low for k in _GEMM) or op in _GEMM_OPS:
         return "gemm_16bit"
-    norm = any(k in low for k in _NORM) or op in _NORM_OPS
+    norm = any(k in low for k in _NORM) or op in _NORM_OPS or any(k in low or k in op for k in _FUSED_QUANT)
     quant = any(k in low for k in _QUANT) or ("clamp" in low and "_to_copy" in low) or any(
         k in op for k in _QUANT_OPS)
     if quant:

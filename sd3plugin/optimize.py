@@ -3,7 +3,8 @@
 The config is composed and resolved into a ``Plan`` once; then each transform of ``STACK`` applies its part
 and returns a handle that knows how to remove it (``sd3plugin/transforms/``):
 
-    settings -> backend -> fuse_qkv -> attention -> quantize -> fuse_gelu -> memory_format -> lora
+    settings -> backend -> fuse_qkv -> attention -> quantize -> fuse_gelu -> fp8_fused_activation
+             -> memory_format -> lora
              -> compile (regional, guarded at every call) -> compile_vae -> compile_text_encoders
              -> step_cache (cache-dit, wrapping the guarded forward)
 
@@ -23,8 +24,8 @@ from .config import compose
 from .errors import ConfigError
 from .global_settings import GLOBAL_SETTINGS
 from .plan import Plan, make_plan
-from .transforms import (attention, backend, compile, fuse_qkv, gelu, lora, memory_format, quantize, settings,
-                         step_cache)
+from .transforms import (attention, backend, compile, fp8_activation, fuse_qkv, gelu, lora, memory_format, quantize,
+                         settings, step_cache)
 from .startup import FirstImageTimer
 from .transforms.base import Handle, Run
 
@@ -63,11 +64,11 @@ def _apply(run: Run) -> None:
         if h is not None:
             keep(h)
     kernels = []
-    for step in (fuse_qkv, attention, quantize, gelu):
+    for step in (fuse_qkv, attention, quantize, gelu, fp8_activation):
         h = step.apply(run)
         if h is not None:
             keep(h)
-            if step in (attention, gelu):
+            if step in (attention, gelu, fp8_activation):
                 kernels.append(h)
         if step is quantize:
             attention.finish(run)

@@ -34,6 +34,7 @@ class Plan:
     joint_attention: bool = True
     compile_vae: bool = False
     compile_text_encoders: bool = False
+    fp8_fused_activation: bool = False
     quant: Any = None                # the quant config node (type, layer selection)
     on_error: str = "fallback"
     fa4_prewarm: bool = True
@@ -68,6 +69,7 @@ def make_plan(cfg: DictConfig) -> Plan:
         attention=str(cfg.attention), fuse_qkv=bool(cfg.fuse_qkv), fuse_gelu=bool(_get(cfg, "fuse_gelu", True)),
         joint_attention=bool(_get(cfg, "joint_attention", True)), compile_vae=bool(cfg.compile_vae),
         compile_text_encoders=bool(_get(cfg, "compile_text_encoders", False)),
+        fp8_fused_activation=bool(_get(cfg, "fp8_fused_activation", False)),
         quant=cfg.quant, on_error=str(cfg.on_error), fa4_prewarm=bool(_get(cfg, "fa4_prewarm", True)),
         precompiled=bool(_get(cfg, "precompiled", True)),
         lora_hotswap_rank=_get(cfg, "lora_hotswap_rank", None), height=cfg.height, width=cfg.width,

@@ -285,6 +285,8 @@ def test_variant_command_overrides_rebuild_the_config():
     for key in ("attention", "backend", "fuse_qkv", "compile_vae", "compile_text_encoders", "negative_prompt",
                 "height", "width"):
         assert again[key] == cfg[key], key
+    fp8 = compose(None, ["quant=fp8_e4m3_e4m3_dynamic", "device=cuda", "fp8_fused_activation=true"])
+    assert compose(None, variant_command_overrides(fp8)).fp8_fused_activation is True
     assert again.quant == cfg.quant and again.mode.spec == cfg.mode.spec
 
 

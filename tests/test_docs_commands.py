@@ -242,6 +242,7 @@ REFUSES: dict[str, Refuses] = {
     "\"dynamic\": true}' --run_multiple_resolutions 1": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-run quant=fp8_e4m3_e4m3_dynamic dtype=bfloat16": FP8_ON_CPU,
     "sd3plugin-run quant=fp8_e4m3_e4m3_dynamic_per_tensor": FP8_ON_CPU,
+    "sd3plugin-run model=sd3-medium mode=max-speed quant=fp8_e4m3_e4m3_dynamic fp8_fused_activation=true": FP8_ON_CPU,
     "sd3plugin-run quant=fp8_e4m3_e4m3_dynamic dtype=bfloat16 "
     "\"quant.exclude=['transformer_blocks.0.*','transformer_blocks.23.*']\"": FP8_ON_CPU,
     # the placeholder path is checked first: also a clear message

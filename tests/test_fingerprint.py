@@ -16,7 +16,7 @@ EXPECTED_COMPILE_KEYS = {
     "model", "backend", "mode.spec", "memory_format.name", "dynamic.enabled", "dynamic.recompile_limit",
     "quant.type", "quant.submodules_config_path", "quant.top_percentage", "quant.include", "quant.exclude",
     "backend_options", "fuse_qkv", "fuse_gelu", "attention", "joint_attention", "compile_vae",
-    "compile_text_encoders",
+    "compile_text_encoders", "fp8_fused_activation",
     "lora_hotswap_rank", "device", "dtype",
     "parallel.cfg", "parallel.ulysses", "parallel.ring", "parallel.pipefusion", "parallel.patches",
     "step_cache.name", "step_cache.fn", "step_cache.bn", "step_cache.threshold", "step_cache.warmup",

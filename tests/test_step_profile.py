@@ -25,6 +25,8 @@ _spec.loader.exec_module(step_profile)
     ("void at::native::vectorized_elementwise_kernel<4, copy<c10::Float8_e4m3fn>>", "aten::copy_", "quantize"),
     ("triton_red_fused__to_copy_abs_add_amax_mul_native_layer_norm_1", "", "norm_quantize"),
     ("triton_per_fused_add_mul_native_layer_norm_2", "", "norm_modulation"),
+    ("_norm_mod_quant", "sd3plugin::fp8_norm_modulate_quantize", "norm_quantize"),  # fp8_fused_activation
+    ("_gelu_quant", "sd3plugin::fp8_gelu_quantize", "norm_quantize"),
     ("void at::native::vectorized_layer_norm_kernel<float>", "aten::native_layer_norm", "norm_modulation"),
     ("triton_poi_fused_add_mul_5", "", "elementwise"),
     ("void at::native::elementwise_kernel<128, 2>", "aten::add", "other"),
@@ -59,3 +61,6 @@ def test_fp8_summary_reads_a_bench_result():
     assert out["variant"] == "fp8+fa4" and out["speedup"] == pytest.approx(1.643, abs=1e-3)
     assert out["targets"]["psnr_db"]["met"] is True and out["targets"]["speedup"]["met"] is False
     assert out["first_call_seconds"] == pytest.approx(79.53, abs=0.01)
+    both = mod.compare(bench, "fp8+fa4", "eager")  # a variant against another of the same run
+    assert both["speedup_vs_base"] == pytest.approx(1.643, abs=1e-3) and both["base"]["variant"] == "eager"
+    assert both["e2e_delta_seconds"] == pytest.approx(both["e2e_seconds"] - both["base"]["e2e_seconds"], abs=1e-3)

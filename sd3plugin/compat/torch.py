@@ -85,7 +85,8 @@ def compile_breakdown(before: dict, after: dict) -> dict:
             "graphs_compiled": int(delta("#graphs", 1))}
 
 
-def scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=torch.bfloat16):
+def scaled_mm(a, b, scale_a, scale_b, bias=None, out_dtype=torch.bfloat16, use_fast_accum: bool = False):
     """``torch._scaled_mm``: fp8 ``a`` (M, K) row-major times fp8 ``b`` (K, N) column-major, float32 scales
     (M, 1) and (1, N), optional bias, in ``out_dtype``."""
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=use_fast_accum)

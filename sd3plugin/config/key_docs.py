@@ -45,6 +45,8 @@ KEY_DOCS: dict[str, str] = {
     "joint_attention": "with attention=fa4: SD3's joint attention as one op",
     "compile_vae": "compile the VAE decoder too",
     "compile_text_encoders": "compile the text encoders too (T5-XXL, CLIP)",
+    "fp8_fused_activation": "with quant=fp8_e4m3_e4m3_dynamic: norm + modulation and GELU write the fp8 "
+                            "activations and scales in one kernel (no separate quantization passes)",
     "lora_hotswap_rank": "prepare for hot-swapping LoRAs up to this rank without recompiling",
     "device": "{values}",
     "dtype": "{values}",

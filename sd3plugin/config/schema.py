@@ -134,6 +134,9 @@ class SD3PluginConfig:
     compile_vae: bool = compile_field(False)
     # The text encoders' layers too (CLIP-L, CLIP-G, T5-XXL; regional): their share of the end-to-end time.
     compile_text_encoders: bool = compile_field(False)
+    # With quant=fp8_e4m3_e4m3_dynamic: the blocks' norm + modulation and GELU write e4m3 rows + per-row scales
+    # for the fp8 matmuls (one Triton kernel each) instead of torchao's separate quantization passes.
+    fp8_fused_activation: bool = compile_field(False)
     # Prepare for LoRA hot-swapping up to this rank without recompiling (None: no hot-swapping).
     lora_hotswap_rank: Optional[int] = compile_field(None)
     device: Device = compile_field(Device.auto)

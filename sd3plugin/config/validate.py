@@ -43,6 +43,24 @@ def _check_env_switches(cfg: DictConfig) -> None:
                               f"unusable value; unset it or set {key}=true|false") from None
 
 
+FP8_FUSED_QUANT = "fp8_e4m3_e4m3_dynamic"
+
+
+def check_fp8_fused_activation(cfg: DictConfig) -> None:
+    """``fp8_fused_activation=true`` feeds torchao's per-row fp8 matmuls from sd3plugin's compiled blocks."""
+    if not cfg.get("fp8_fused_activation", False):
+        return
+    if str(cfg.quant.type) != FP8_FUSED_QUANT:
+        raise ConfigError(f"fp8_fused_activation=true quantizes activations for per-row fp8 matmuls, but "
+                          f"quant={cfg.quant.type}; set quant={FP8_FUSED_QUANT}, or fp8_fused_activation=false")
+    if str(cfg.backend) in ("eager", "nexfort"):
+        raise ConfigError(f"fp8_fused_activation=true runs inside sd3plugin's compiled blocks, not with "
+                          f"backend={cfg.backend}; use backend=inductor (or auto), or fp8_fused_activation=false")
+    if cfg.get("lora_hotswap_rank") is not None:
+        raise ConfigError("fp8_fused_activation=true bypasses the quantized layers' forward, where LoRA "
+                          "hot-swapping adds its adapters; unset lora_hotswap_rank, or set fp8_fused_activation=false")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check values Hydra's types cannot: choices, mode tokens, quant options, shapes. Raises ConfigError."""
     for key, valid in choices().items():
@@ -63,6 +81,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"lora_hotswap_rank={rank} must be at least 1 (the largest LoRA rank to hot-swap), "
                           "or null to turn hot-swapping off")
     _check_env_switches(cfg)
+    check_fp8_fused_activation(cfg)
     if "parallel" in cfg:
         check_parallel_config(cfg)
     if "step_cache" in cfg:

@@ -19,6 +19,9 @@ Q/K/V projections *with* the q/k norm, which diffusers' fused processor drops. I
 - ``int8`` / ``int8_fp8``: 8-bit attention (int8 Q.K^T; P.V in 16 bits or in fp8), a Triton kernel in
   ``sd3plugin.quantized_attention``. Quantization: opt-in, never picked by ``auto``.
 
+With ``fp8_fused_activation`` (``sd3plugin.kernels.fp8_block``) the processor receives a block's normalized
+activations as e4m3 rows + per-row scales (``Fp8Rows``) and projects them with fp8 matmuls.
+
 The processor runs an attention's fused projections (``to_qkv``, ``to_added_qkv``) only while
 ``uses_fused(attn)`` says so (``sd3plugin.transforms.fuse_qkv`` keeps that exact: a LoRA on ``to_q`` makes the
 attention run its separate projections). ``sd3plugin.transforms.attention`` installs the processor.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from ..compat import diffusers as dcompat
 from ..config.choices import ATTENTION_KERNELS as KERNELS  # one table: the config's
 from ..errors import ConfigError
-from . import joint_attention, quantized_attention
+from . import fp8_block, joint_attention, quantized_attention
 from .fa3 import (FA3_INSTALL, fa3_attention, fa3_fp8_attention,  # noqa: F401  (FA3_INSTALL: re-exported)
                   fa3_unavailable)
 from .fa4 import FA4_INSTALL, fa4_attention, fa4_unavailable  # noqa: F401  (FA4_INSTALL: re-exported)
@@ -148,9 +151,9 @@ def _project(attn, x, fused, names, norms):
     """Q, K, V of ``x`` as (B, S, H, D), through one fused matmul where fused, q/k norms applied."""
     b = x.shape[0]
     if fused is not None:
-        q, k, v = fused(x).chunk(3, dim=-1)
+        q, k, v = fp8_block.linear(fused, x).chunk(3, dim=-1)
     else:
-        q, k, v = (getattr(attn, n)(x) for n in names)
+        q, k, v = (fp8_block.linear(getattr(attn, n), x) for n in names)
     head_dim = k.shape[-1] // attn.heads
     q, k, v = (t.view(b, -1, attn.heads, head_dim) for t in (q, k, v))
     norm_q, norm_k = norms
@@ -179,7 +182,8 @@ class SD3AttnProcessor:
         if attention_mask is not None:
             raise ValueError("SD3 joint attention takes no attention_mask")
         fused = uses_fused(attn)
-        if self.joint and fused and joint_attention.applies(attn, encoder_hidden_states):
+        if self.joint and fused and not isinstance(hidden_states, fp8_block.Fp8Rows) \
+                and joint_attention.applies(attn, encoder_hidden_states):
             return joint_attention.run(attn, hidden_states, encoder_hidden_states)
         n_img = hidden_states.shape[1]
         q, k, v = _project(attn, hidden_states, attn.to_qkv if fused else None, ("to_q", "to_k", "to_v"),

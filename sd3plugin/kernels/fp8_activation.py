@@ -167,3 +167,43 @@ def scaled_linear(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_s
     from ..compat import torch as tcompat
 
     return tcompat.scaled_mm(x8, w8.t(), x_scale, w_scale.t(), bias, out_dtype)
+
+
+# --- as custom ops: what the model calls (sd3plugin.kernels.fp8_block) ------------------------------------
+# Opaque to torch.compile (one extern call each, no graph break); on CPU they run the Triton kernel in the
+# interpreter when TRITON_INTERPRET=1 (tests), else the torch reference (same numbers up to the cast).
+
+
+@torch.library.custom_op("sd3plugin::fp8_norm_modulate_quantize", mutates_args=(),
+                         schema="(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)")
+def norm_modulate_quantize_op(x, shift, scale, eps):
+    return norm_modulate_quantize(x, shift, scale, eps)
+
+
+@norm_modulate_quantize_op.register_fake
+def _(x, shift, scale, eps):
+    rows = x.shape[0] * x.shape[1]
+    return (x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn),
+            x.new_empty((rows, 1), dtype=torch.float32))
+
+
+@norm_modulate_quantize_op.register_kernel("cpu")
+def _(x, shift, scale, eps):
+    if _interpreted():
+        return norm_modulate_quantize(x, shift, scale, eps)
+    return reference_norm_modulate_quantize(x, shift, scale, eps)
+
+
+@torch.library.custom_op("sd3plugin::fp8_gelu_quantize", mutates_args=(), schema="(Tensor h) -> (Tensor, Tensor)")
+def gelu_quantize_op(h):
+    return gelu_quantize(h)
+
+
+@gelu_quantize_op.register_fake
+def _(h):
+    return h.new_empty(h.shape, dtype=torch.float8_e4m3fn), h.new_empty((h.shape[0], 1), dtype=torch.float32)
+
+
+@gelu_quantize_op.register_kernel("cpu")
+def _(h):
+    return gelu_quantize(h) if _interpreted() else reference_gelu_quantize(h)

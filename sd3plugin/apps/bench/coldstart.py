@@ -122,7 +122,9 @@ def variant_command_overrides(cfg) -> list[str]:
            f"quant={c['quant']['type']}", f"fuse_qkv={str(c['fuse_qkv']).lower()}",
            f"fuse_gelu={str(c['fuse_gelu']).lower()}",
            f"compile_vae={str(c['compile_vae']).lower()}",
-           f"compile_text_encoders={str(c['compile_text_encoders']).lower()}", f"device={c['device']}", f"dtype={c['dtype']}",
+           f"compile_text_encoders={str(c['compile_text_encoders']).lower()}",
+           f"fp8_fused_activation={str(c.get('fp8_fused_activation', False)).lower()}",
+           f"device={c['device']}", f"dtype={c['dtype']}",
            f"steps={c['steps']}", f"seed={c['seed']}", f"guidance_scale={c['guidance_scale']}",
            f"num_images={c['num_images']}", f"attention={c['attention']}", "prompt=" + _quoted(c["prompt"])]
     q = c["quant"]
