@@ -22,6 +22,10 @@ ARCH, DEVICE = os.environ.get("ARCH", "sd3-medium"), os.environ.get("DEVICE", "c
 STEPS, SIZE = int(os.environ.get("STEPS", 28)), int(os.environ.get("SIZE", 1024))
 REPEAT = int(os.environ.get("REPEAT", 3))
 MODE = os.environ.get("MODE", "default")
+# THRESHOLD=X replaces every preset's residual threshold: on random weights no step is similar enough to be
+# reused at the presets' thresholds, so a large X (e.g. 100) measures what each preset's reuse pattern
+# (warm-up, Fn/Bn, max_continuous) saves when it does reuse. Written to step_cache_threshold_X.json.
+THRESHOLD = os.environ.get("THRESHOLD")
 
 
 def sync():
@@ -89,6 +93,8 @@ def main():
         except ConfigError as exc:  # the tiny check: too few blocks for this preset
             rows[name] = {"error": str(exc)}
             continue
+        if THRESHOLD is not None:
+            knobs = {**knobs, "threshold": float(THRESHOLD)}
         s = seam.StepCacheSettings(**{**knobs, "fn": fn, "bn": bn})
         seam.enable(pipe, s)
         try:
@@ -110,8 +116,9 @@ def main():
               "recompilations": rep.get("recompilations"), "compile_error": rep.get("error"),
               "seconds_total": time.perf_counter() - started,
               "note": "random weights: speed only; the latent PSNR does not judge image quality",
-              "variants": rows}
-    (out / "step_cache.json").write_text(json.dumps(result, indent=2))
+              "threshold_override": None if THRESHOLD is None else float(THRESHOLD), "variants": rows}
+    name = "step_cache.json" if THRESHOLD is None else f"step_cache_threshold_{THRESHOLD}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -55,6 +55,7 @@ def test_cfg_job_prints_composed_config(tmp_path):
     assert "cudagraphs" in res.stdout and "enabled: true" in res.stdout
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_seed_command_line_and_multirun(tmp_path, cache_dir):
     res = run_app(["-m", "backend=eager", "steps=1,2", "hydra.sweep.dir=" + str(tmp_path / "sweep"),
                    "--compiler-config", '{"mode": "max-optimize:max-autotune:low-precision", '

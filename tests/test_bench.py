@@ -152,6 +152,7 @@ def test_bench_writes_the_table_json_and_chart(tiny_bench):
     assert not (out / "caches").exists() or not any((out / "caches").iterdir())  # fresh caches removed
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_ratios_come_from_the_measured_timings(tiny_bench):
     data, _ = tiny_bench
     eager = data["variants"][0]
@@ -166,6 +167,7 @@ def test_ratios_come_from_the_measured_timings(tiny_bench):
     assert compiled["quality"]["latents_rel_error"] < 1e-3  # compiled float32 matches eager
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_recompile_counts_per_shape(tiny_bench):
     data, _ = tiny_bench
     _, static, dyn = data["variants"]
@@ -184,6 +186,7 @@ def test_recompile_counts_per_shape(tiny_bench):
     assert "| 48x48 |" in md and "0 in all" in md and "2 in all" in md
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_bench_config_round_trips_into_json(tiny_bench):
     data, _ = tiny_bench
     assert OmegaConf.create(data["bench"]).resolutions == SHAPES

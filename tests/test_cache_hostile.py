@@ -709,12 +709,14 @@ def _kill_loop(tmp_path, two_archives, plan: list[dict]):
     return outcomes
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_sigkill_at_every_rename_of_the_commit_is_recovered(tmp_path, two_archives):
     renames = 2 * 52 + 4  # upper bound of the commit's renames (backups + moves); beyond it: completed
     outcomes = _kill_loop(tmp_path, two_archives, [{"die_at_rename": k} for k in range(1, renames, 7)])
     assert "old" in outcomes and "recovered" in outcomes  # killed mid-commit: rolled back by the next command
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_sigkill_at_random_points_of_install(tmp_path, two_archives):
     random.seed(13)
     outcomes = _kill_loop(tmp_path, two_archives, [{"delay": "random"} for _ in range(12)])

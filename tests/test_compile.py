@@ -50,6 +50,7 @@ def test_compiled_equals_eager(tiny_path, cache_dir, eager_latents):
     assert all(b._compiled_call_impl is None for b in pipe.transformer.transformer_blocks)
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_dynamic_resolutions_do_not_recompile_per_shape(tiny_path, cache_dir, eager_latents):
     torch._dynamo.reset()
     pipe = sd3plugin.optimize(StableDiffusion3Pipeline.from_pretrained(tiny_path),

@@ -94,6 +94,7 @@ def test_doctor_cli_fix_json_and_refusal(fake_nexfort, monkeypatch, capsys, tmp_
     assert rep["nexfort_layout"]["misplaced"] == []
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_doctor_reports_versions_gpu_backends_and_cache(tmp_path):
     cache = tmp_path / "cache"
     (cache / "inductor").mkdir(parents=True)

@@ -12,7 +12,7 @@ def _gelu_modules(t):
     return [m for m in t.modules() if type(m).__name__ == "GELU"]
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny-sd3.5"])
+@pytest.mark.parametrize("variant", ["tiny", pytest.param("tiny-sd3.5", marks=pytest.mark.slow)])
 def test_fuse_gelu_matches_eager_compiled_and_undoes(variant, sd3):
     """Every tanh-GELU projection is routed through the op; the transformer's output is unchanged (fp32 on
     CPU: the same math, 1e-5), also under torch.compile with the op as one opaque call; undo restores."""

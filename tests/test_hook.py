@@ -100,6 +100,7 @@ def test_disable_restores_global_settings():
     assert torch.backends.cudnn.benchmark is False
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_auto_import_enables_from_environment(tiny_path, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backend: eager\n")

@@ -12,6 +12,7 @@ from sd3plugin.transforms.fuse_qkv import FusedProjections
 TOL = 1e-5  # fp32 on CPU: the same math in another order
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_joint_op_matches_diffusers_eager_and_compiled(monkeypatch, sd3):
     """SD3 (no q/k norm): every joint attention runs as the op, the last block (no context output
     projection) included; the transformer's output equals diffusers' within fp32 reordering (1e-5), also

@@ -319,6 +319,7 @@ def test_int8_dynamic_then_regional_compile_dynamic_shapes(tiny_path, cache_dir,
     assert compare_latents(ref_q[sizes[1]], out2)["rel_error"] < COMPILED_TOL
 
 
+@pytest.mark.slow  # long: in the slow lane of .ci/run
 def test_seed_command_line_runs_int8(tmp_path, cache_dir):
     """The seed's flags through sd3plugin-run: int8_dynamic with a JSON, eager backend (no compile)."""
     path = _write_json(tmp_path, {"transformer_blocks.0.attn.to_q": 0.999, "transformer_blocks.1.ff.net.2": 0.99})
