@@ -210,9 +210,6 @@ RUNS: dict[str, Runs] = {
     "sd3plugin-run quant=int8_dynamic": RUN,
     "sd3plugin-run quant=int8_dynamic \"quant.include=['transformer_blocks.*']\" "
     "\"quant.exclude=['*.norm1*','*.ff_context.*']\"": RUN,
-    # docs/onediff-users.md, meant for the nexfort environment: in the main one an explicit backend=nexfort
-    # is refused before anything loads, naming the fix
-    "sd3plugin-run backend=nexfort mode=max-autotune": Refuses(2, "backend=nexfort cannot run here: nexfort is not installed"),
     # docs/parallel.md: prints the torch.distributed.run command without checking the GPUs
     "sd3plugin-run parallel=cfg2 parallel.launch=print": Runs(
         says=("-m torch.distributed.run --standalone --nproc-per-node=2 -m sd3plugin.apps.run parallel=cfg2",)),
@@ -222,6 +219,10 @@ RUNS: dict[str, Runs] = {
 }
 
 REFUSES: dict[str, Refuses] = {
+    # docs/onediff-users.md, meant for the nexfort environment: in the main one an explicit backend=nexfort
+    # is refused before anything loads, naming the fix
+    "sd3plugin-run backend=nexfort mode=max-autotune": Refuses(
+        2, "backend=nexfort cannot run here: nexfort is not installed"),
     "sd3plugin-run model=sd3-medium mode=max-speed": SD3_MEDIUM_TOO_BIG,
     "sd3plugin-run model=stabilityai/stable-diffusion-3-medium-diffusers prompt=\"a corgi astronaut\"": Refuses(
         2, "is neither a folder with model_index.json nor a reachable Hub id"),
