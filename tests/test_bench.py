@@ -321,6 +321,9 @@ def test_step_cache_variants_against_the_uncached_image_of_the_same_seed(tiny_pa
         assert sc["against"] == "plain" and sc["speedup_e2e"] > 0 and sc["speedup_its"] > 0
         assert sc["last_call"]["reused_block_computations_per_image"] == len(sc["last_call"]["cached_steps"]) > 0
         assert sc["quality"]["images_psnr_db"] < float("inf") and 0 < sc["quality"]["images_ssim"] < 1
+        # LPIPS / CLIP score: a number where the models are here, else the reason (never a download)
+        assert ("images_lpips" in sc["quality"]) != ("images_lpips_skipped" in sc["quality"])
+        assert ("clip_score" in sc["quality"]) != ("clip_score_skipped" in sc["quality"])
     assert "step_cache" not in rows["plain"] and "step_cache" not in rows["eager"]
     md = (tmp_path / "bench.md").read_text()
     assert "| `plain+fbcache` | `plain` | 2 / 10 | 2 / 20 |" in md

@@ -92,7 +92,8 @@ def _step_cache_figures(results: list[dict], measured: dict, refs: dict, out, qu
             continue
         partner = step_cache.uncached_partner(label, measured[label], measured)
         if partner is not None:
-            step_cache.add_figures(r, refs[label], by_label[partner], refs[partner], out, quality)
+            step_cache.add_figures(r, refs[label], by_label[partner], refs[partner], out, quality,
+                                   measured[label].get("prompt"))
 
 
 def _summary(cfg, bench, folder, model_seconds, load_seconds, device, base_pipe, results) -> dict:

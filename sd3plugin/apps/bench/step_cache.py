@@ -54,8 +54,10 @@ def uncached_partner(label: str, cfg, measured: dict) -> str | None:
     return "eager" if "eager" in measured else None
 
 
-def add_figures(result: dict, ref: dict, partner: dict, partner_ref: dict, out: Path, quality: bool) -> None:
-    """``result["step_cache"]``: against whom, speed-up (it/s and E2E), PSNR/SSIM of the images."""
+def add_figures(result: dict, ref: dict, partner: dict, partner_ref: dict, out: Path, quality: bool,
+                prompt: str | None = None) -> None:
+    """``result["step_cache"]``: against whom, speed-up (it/s and E2E), PSNR/SSIM of the images, LPIPS and
+    CLIP score (``prompt``) where their models are on this machine."""
     from .quality import quality_figures
 
     sc = result["step_cache"] = result.get("step_cache") or {}
@@ -64,6 +66,10 @@ def add_figures(result: dict, ref: dict, partner: dict, partner_ref: dict, out: 
     sc["speedup_e2e"] = partner["e2e_seconds"] / result["e2e_seconds"]
     if quality and ref is not None and partner_ref is not None:
         sc["quality"] = quality_figures(ref, partner_ref, out, f"{result['label']}-vs-{partner['label']}")
+        if ref.get("images") and partner_ref.get("images"):  # LPIPS / CLIP score where the models are here
+            from ..perceptual import perceptual_figures
+
+            sc["quality"].update(perceptual_figures(partner_ref["images"], ref["images"], prompt))
 
 
 def table(data: dict) -> str | None:
@@ -72,7 +78,7 @@ def table(data: dict) -> str | None:
     if not rows:
         return None
     head = ["variant", "against (uncached)", "reused steps", "reused block computations / image",
-            "speed-up it/s", "speed-up E2E", "PSNR", "SSIM"]
+            "speed-up it/s", "speed-up E2E", "PSNR", "SSIM", "LPIPS", "CLIP score (uncached)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sc = r["step_cache"]
@@ -85,5 +91,7 @@ def table(data: dict) -> str | None:
             f"{last.get('reused_block_computations_per_image', '-')} / {last.get('block_computations_per_image', '-')}",
             f"{sc['speedup_its']:.2f}x", f"{sc['speedup_e2e']:.2f}x",
             "identical" if psnr == float("inf") else "-" if psnr is None else f"{psnr:.1f} dB",
-            "-" if ssim is None else f"{ssim:.4f}"]) + " |")
+            "-" if ssim is None else f"{ssim:.4f}",
+            "-" if q.get("images_lpips") is None else f"{q['images_lpips']:.4f}",
+            "-" if q.get("clip_score") is None else f"{q['clip_score']:.2f} ({q['clip_score_uncached']:.2f})"]) + " |")
     return "\n".join(lines)
