@@ -7,6 +7,9 @@
 #   pip install --no-index --no-deps DIR/*.whl
 #   # with `pip install --target T` instead, the .pth of nvidia-cutlass-dsl is not run: also
 #   export PYTHONPATH=T:T/nvidia_cutlass_dsl/dsl_packages
+#   and install every cutlass-dsl wheel in one call (or the later ones with --upgrade): a second
+#   `pip install --target T` skips the folders that already exist there, and FA4 then fails with
+#   "No CTK flavor installed" or "No module named 'cutlass.cute'".
 #
 # nvidia-cutlass-dsl-libs-cu13 is a 92 MB wheel (the CuTe DSL compiler); where a transfer is limited
 # (the lent device takes 64 MiB a call), SPLIT=45000000 cuts it into parts to `cat` together there.
