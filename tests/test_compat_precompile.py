@@ -78,6 +78,7 @@ CHILD = textwrap.dedent('''
 
 
 @needs_precompile
+@pytest.mark.slow  # two fresh processes that compile: in the slow lane of .ci/run
 @pytest.mark.parametrize("way", [pc.PUBLIC, pc.PRIVATE])
 def test_sd3plugin_ops_run_inside_a_function_precompiled_here_and_loaded_in_a_fresh_process(tmp_path, way):
     if way == pc.PUBLIC and pc.api() != pc.PUBLIC:

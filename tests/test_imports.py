@@ -99,6 +99,7 @@ RECORDER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a fresh interpreter that imports the stack: in the slow lane of .ci/run
 def test_optimize_with_backend_eager_imports_no_compiler_quantizer_hydra_or_plotting(tmp_path):
     """A complete config (what report(pipe)["config"] holds) needs no Hydra; eager needs no inductor,
     torchao (quant=none), FlashAttention or matplotlib."""

@@ -24,8 +24,9 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("model, words", [
     ("/no/such/folder", ["model='/no/such/folder' is neither a folder with model_index.json nor a Hub id",
                          "no such folder", "sd3-medium"]),
-    ("someorg/somemodel", ["model='someorg/somemodel' is neither a folder with model_index.json nor a reachable "
-                           "Hub id", "hf download someorg/somemodel", "tiny"]),
+    pytest.param("someorg/somemodel", ["model='someorg/somemodel' is neither a folder with model_index.json nor a "
+                                       "reachable Hub id", "hf download someorg/somemodel", "tiny"],
+                 marks=pytest.mark.slow),
 ])
 def test_a_missing_folder_or_an_unreachable_hub_id_is_one_line_and_exit_2(model, words, tmp_path):
     # HF_HUB_OFFLINE: the Hub cannot be reached, as on a machine without network (and no cached copy)
