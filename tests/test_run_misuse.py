@@ -324,3 +324,23 @@ def test_ctrl_c_in_the_benchmark(tmp_path, cache_dir):
     assert lines[-1].strip() == f"sd3plugin-bench: interrupted (Ctrl-C); the run is marked incomplete in {bench_json}"
     data = json.loads(bench_json.read_text())
     assert data["complete"] is False and "Ctrl-C" in data["reason"]
+
+
+def test_a_ctrl_c_that_a_library_swallows_is_raised_again_at_the_next_step(monkeypatch):
+    from sd3plugin.apps import interrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(interrupt, "_DROPPED", [])
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt.deliver_dropped_interrupts()
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C ...
+        except KeyboardInterrupt:
+            pass  # ... caught by a library that goes on
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.step_check(None, 0, 0, {})  # the next step stops the run
+        assert interrupt.step_check(None, 1, 0, {"k": 1}) == {"k": 1}  # once
+    finally:
+        signal.signal(signal.SIGINT, old)
