@@ -147,13 +147,21 @@ def test_multirun_with_output_dir_gives_each_job_a_folder(tmp_path, cache_dir):
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
+def as_in_a_terminal() -> None:
+    """In the child before exec: Ctrl-C's default action, as a terminal's foreground job has it. A test run
+    started in the background (``cmd &``, nohup, some CI runners) would otherwise pass SIGINT on as ignored,
+    and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(line_part: str, args, cwd, env=None):
     """Start sd3plugin-run, send SIGINT to its process group (what Ctrl-C in a terminal does) when a line
     containing ``line_part`` appears on stdout; return (exit code, stderr)."""
     cmd, kw = app(args, cwd)
     if env:
         kw["env"].update(env)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=as_in_a_terminal, **kw)
     try:
         for line in proc.stdout:
             if line_part in line:
@@ -305,7 +313,7 @@ def test_ctrl_c_in_the_benchmark(tmp_path, cache_dir):
     proc = subprocess.Popen([sys.executable, "-m", "sd3plugin.apps.bench", "steps=100000", "bench.repeat=1",
                              "bench.cache_warmup=false", f"output_dir={out}"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            preexec_fn=as_in_a_terminal, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
     try:
         for line in proc.stdout:
