@@ -252,9 +252,17 @@ def name_verdict(name: str) -> str:
 
 
 def clash(names) -> bool:
-    """A name that is also a folder of another name."""
+    """A name that is also a folder of another name. Only prefixes as long as some name are looked up, so
+    a thousand names thousands of folders deep cost a pass over their characters, not their square."""
     names = set(names)
-    return any("/".join(n.split("/")[:i]) in names for n in names for i in range(1, n.count("/") + 1))
+    lengths = {len(n) for n in names}
+    for n in names:
+        i = n.find("/")
+        while i != -1:
+            if i in lengths and n[:i] in names:
+                return True
+            i = n.find("/", i + 1)
+    return False
 
 
 # -- hypothesis strategies ---------------------------------------------------------------------------------
@@ -1211,6 +1219,7 @@ def test_a_sample_through_the_real_executable(fuzz):
 
 # -- slow lane: 10,000+ inputs ------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 10,200 inputs on 2 cores: longer than the lane's 900 s per test
 def test_fuzz_long(fuzz, tmp_path_factory):
     """The three families at once (``SLOW`` inputs each), one thread and one worker process each, so the
     run uses both cores of the CI machine. A family's failure is reported with hypothesis' minimal example."""
