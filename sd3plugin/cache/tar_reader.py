@@ -201,9 +201,9 @@ class TarReader:
                 data = self.stream.read(size)
                 self.skip_padding(size)
                 if type_ == b"L":
-                    pending["path"] = self._name(data.split(b"\0", 1)[0])
+                    self._set(pending, "path", self._name(data.split(b"\0", 1)[0]))
                 elif type_ == b"K":
-                    pending["linkpath"] = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                    self._set(pending, "linkpath", data.split(b"\0", 1)[0].decode("utf-8", "replace"))
                 else:
                     self._pax(data, pending, type_ == b"x")
                 continue
@@ -213,6 +213,15 @@ class TarReader:
                 raise self._refuse(f"member {name!r} is a GNU sparse file ({size} bytes declared); cache "
                                    "archives hold only regular files and folders")
             return Member(name, type_, size, mode, pending.get("linkpath", linkname))
+
+    def _set(self, pending: dict, key: str, value) -> None:
+        """One extended header's field for the next member. Set twice (a PAX path and a GNU long name, two
+        PAX sizes ...) is refused: tar readers disagree on which one wins, so the archive would mean one
+        thing to this reader and another to the tool that checked it."""
+        if key in pending:
+            raise self._refuse(f"a member whose {key} is given twice by extended headers "
+                               f"({str(pending[key])[:60]!r} and {str(value)[:60]!r})")
+        pending[key] = value
 
     def _header(self, block: bytes):
         stored = self._number(block[148:156], "checksum")
@@ -269,10 +278,10 @@ class TarReader:
                 if key not in _GLOBAL_OK:
                     raise self._refuse(f"a global PAX header that sets {key!r}")
             elif key == "path":
-                pending["path"] = self._name(value)
+                self._set(pending, "path", self._name(value))
             elif key == "linkpath":
-                pending["linkpath"] = value.decode("utf-8", "replace")
+                self._set(pending, "linkpath", value.decode("utf-8", "replace"))
             elif key == "size":
                 if not value.isdigit() or len(value) > 20:
                     raise self._refuse("a PAX header with a malformed size")
-                pending["size"] = int(value)
+                self._set(pending, "size", int(value))
