@@ -220,10 +220,9 @@ def tar_stream(members: list[Member], tail: bytes = END) -> bytes:
 
 
 # -- what the docs promise for a name ----------------------------------------------------------------------
-C1 = range(0x80, 0xA0)
 ODD = {"Cf", "Co", "Cn", "Zl", "Zp", "Zs"}
 DOTS = frozenset({"", ".", ".."})
-CONTROL = re.compile("[\x00-\x1f\x7f\x80-\x9f]")
+CONTROL = re.compile("[\x00-\x1f\x7f\x80-\x9f]")  # C0, DEL, C1
 
 
 def name_verdict(name: str) -> str:

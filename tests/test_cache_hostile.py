@@ -253,11 +253,11 @@ def _corpus() -> dict:
     raw("dotdot_via_longname", "corrupt", "'..' or '.' in the path",
         lambda: zst(mm, member("././@LongLink", b"inductor/../../evil.txt\0", b"L"),
                     tar_header("x", 5) + pad(b"owned"), body, END))
+    # two names for one member: a reader that lets the later one win installs the real file, another tool
+    # checks the traversal (or the reverse); refused whichever way round
+    ext = {"x": member("pax", pax_records({"path": "inductor/../../evil.txt"}), b"x"),
+           "L": member("././@LongLink", f"inductor/zz/{'k' * 100}.py".encode() + b"\0", b"L")}
     for order, first, second in (("pax_then_longname", "x", "L"), ("longname_then_pax", "L", "x")):
-        # two names for one member: a reader that lets the later one win installs the real file, another
-        # tool checks the traversal (or the reverse); refused whichever way round
-        ext = {"x": member("pax", pax_records({"path": "inductor/../../evil.txt"}), b"x"),
-               "L": member("././@LongLink", f"inductor/zz/{'k' * 100}.py".encode() + b"\0", b"L")}
         raw(f"name_twice_{order}", "corrupt", "path is given twice by extended headers",
             lambda first=first, second=second: zst(mm, ext[first], ext[second],
                                                    tar_header("x", 5) + pad(b"owned"), body, END))
